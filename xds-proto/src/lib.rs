@@ -32,3 +32,6 @@ pub const INGRESS_CONTROLLER: &str = "mesh.dev/ingress-controller";
 
 /// The IngressClass name an ingress proxy asks for when none is configured.
 pub const DEFAULT_INGRESS_CLASS: &str = "mesh";
+
+pub use envoy_types::pb::envoy::r#type::v3 as envoy_type;
+pub use envoy_types::pb::xds::core::v3 as xds_core;
