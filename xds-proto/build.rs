@@ -21,6 +21,7 @@ const ROOTS: &[&str] = &[
     "envoy/extensions/filters/udp/udp_proxy/v3/route.proto",
     "envoy/extensions/filters/network/http_connection_manager/v3/http_connection_manager.proto",
     "envoy/extensions/filters/http/router/v3/router.proto",
+    "envoy/extensions/filters/listener/tls_inspector/v3/tls_inspector.proto",
     "envoy/service/discovery/v3/ads.proto",
     "envoy/service/discovery/v3/discovery.proto",
 ];

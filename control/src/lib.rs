@@ -6,4 +6,4 @@
 
 pub mod model;
 pub mod store;
-// pub mod translate;
+pub mod translate;

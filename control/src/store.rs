@@ -145,11 +145,9 @@ impl Store {
                 }
             }
             Kind::EndpointSlice => {
-                if let Some(old) = self.slices.remove(&key) {
-                    if let Some(svc) = slice_service(&old) {
-                        self.unindex_slice(&svc, &key.name);
-                        ch.services.insert(svc);
-                    }
+                if let Some(svc) = self.slices.remove(&key).as_deref().and_then(slice_service) {
+                    self.unindex_slice(&svc, &key.name);
+                    ch.services.insert(svc);
                 }
             }
             Kind::Ingress => ch.ingress = self.ingresses.remove(&key).is_some(),

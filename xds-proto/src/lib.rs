@@ -18,13 +18,16 @@ pub use envoy_types::pb::envoy::config::endpoint::v3 as endpoint;
 pub use envoy_types::pb::envoy::config::listener::v3 as listener;
 pub use envoy_types::pb::envoy::config::route::v3 as route;
 pub use envoy_types::pb::envoy::extensions::filters::http::router::v3 as router;
+pub use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3 as tls_inspector;
 pub use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
 pub use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3 as tcp_proxy;
 pub use envoy_types::pb::envoy::extensions::filters::udp::udp_proxy::v3 as udp_proxy;
 pub use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 pub use envoy_types::pb::envoy::service::discovery::v3 as discovery;
 pub use envoy_types::pb::envoy::r#type::matcher::v3 as envoy_matcher;
+pub use envoy_types::pb::envoy::r#type::v3 as envoy_type;
 pub use envoy_types::pb::google::protobuf;
+pub use envoy_types::pb::xds::core::v3 as xds_core;
 pub use envoy_types::pb::xds::r#type::matcher::v3 as xds_matcher;
 
 /// The `spec.controller` value of an IngressClass served by `mesh-ingress`.
@@ -32,6 +35,3 @@ pub const INGRESS_CONTROLLER: &str = "mesh.dev/ingress-controller";
 
 /// The IngressClass name an ingress proxy asks for when none is configured.
 pub const DEFAULT_INGRESS_CLASS: &str = "mesh";
-
-pub use envoy_types::pb::envoy::r#type::v3 as envoy_type;
-pub use envoy_types::pb::xds::core::v3 as xds_core;
