@@ -5,5 +5,6 @@
 //! costs one Service.
 
 pub mod model;
+pub mod source;
 pub mod store;
 pub mod translate;

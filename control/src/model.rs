@@ -29,6 +29,9 @@ pub enum ModelError {
         name: String,
         /// What serde said, naming the field.
         reason: String,
+        /// The object, when its kind is one we read and it has a name: a source keeps the last good version
+        /// of it in force, as the API server would have refused the bad update.
+        object: Option<ObjectRef>,
     },
 }
 
@@ -185,8 +188,25 @@ impl Object {
         }
         let name = doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default().to_owned();
         let ns = doc.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default").to_owned();
-        let full_name = if ns.is_empty() { name.clone() } else { format!("{ns}/{name}") };
-        let invalid = |reason: String| ModelError::Invalid { kind: kind.clone(), name: full_name.clone(), reason };
+        let our_kind = match (api.as_str(), kind.as_str()) {
+            ("v1", "Service") => Some(Kind::Service),
+            ("discovery.k8s.io/v1", "EndpointSlice") => Some(Kind::EndpointSlice),
+            ("networking.k8s.io/v1", "Ingress") => Some(Kind::Ingress),
+            ("networking.k8s.io/v1", "IngressClass") => Some(Kind::IngressClass),
+            ("v1", "Secret") => Some(Kind::Secret),
+            ("v1", "Node") => Some(Kind::Node),
+            _ => None,
+        };
+        let namespaced = our_kind.is_none_or(Kind::namespaced);
+        let full_name = if namespaced { format!("{ns}/{name}") } else { name.clone() };
+        let object =
+            our_kind.filter(|_| !name.is_empty()).map(|k| ObjectRef::new(k, if namespaced { &ns } else { "" }, &name));
+        let invalid = |reason: String| ModelError::Invalid {
+            kind: kind.clone(),
+            name: full_name.clone(),
+            reason,
+            object: object.clone(),
+        };
         let obj = match (api.as_str(), kind.as_str()) {
             ("v1", "Service") => {
                 Object::Service(Arc::new(serde_json::from_value(doc).map_err(|e| invalid(e.to_string()))?))

@@ -387,3 +387,6 @@ impl Translator {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod proptests;

@@ -1,0 +1,244 @@
+//! Shutdown: the one primitive every task of a binary watches, and the signals that trigger it.
+//!
+//! Why a `watch` channel holding a `bool` rather than a `Notify` or a broadcast: the state is sticky. A task
+//! that starts waiting *after* the trigger (an accept loop spawned late, a connection accepted during the
+//! drain) must still see it, and a `Notify` or broadcast message sent before it subscribed would be lost.
+//! `watch` also lets any number of tasks wait without the sender knowing them.
+//!
+//! The drain sequence (SIGTERM → stop accepting → finish open connections up to a deadline → exit) is built
+//! from this: `main` awaits [`signal`], calls [`Shutdown::trigger`], listeners stop on [`Shutdown::wait`],
+//! and `main` bounds the rest with `tokio::time::timeout`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::RuntimeError;
+
+/// Errors listening for shutdown signals.
+#[derive(Debug, thiserror::Error)]
+pub enum ShutdownError {
+    /// The OS refused a signal handler (needs a Tokio runtime with the `signal` driver, i.e. inside
+    /// `#[tokio::main]`).
+    #[error("cannot listen for {signal}; is this running inside a Tokio runtime? {source}")]
+    Listen {
+        /// The signal, e.g. `SIGTERM`.
+        signal: &'static str,
+        /// What the OS or Tokio said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A shutdown flag shared by every task of a process. Clones share the same flag: trigger any clone and
+/// every clone sees it. Triggering is permanent and idempotent.
+#[derive(Clone)]
+pub struct Shutdown {
+    // The sender is shared (not one per clone) so that triggering through any clone reaches all of them,
+    // and it outlives every waiter, so `wait_for` below can never see a closed channel.
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Shutdown {
+    /// A new, untriggered flag.
+    pub fn new() -> Self {
+        Shutdown { tx: Arc::new(watch::Sender::new(false)) }
+    }
+
+    /// Starts the shutdown: every current and future [`wait`](Self::wait) resolves. Calling it again is a
+    /// no-op (no second wake-up).
+    pub fn trigger(&self) {
+        self.tx.send_if_modified(|triggered| !std::mem::replace(triggered, true));
+    }
+
+    /// Whether [`trigger`](Self::trigger) has been called, for loops that poll rather than await.
+    pub fn is_triggered(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Resolves once the shutdown is triggered; at once if it already was. Cancel-safe, so it can sit in a
+    /// `tokio::select!` next to `accept()`.
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        // `self` holds the sender, so the channel cannot close while we wait: the only error is impossible.
+        let _ = rx.wait_for(|triggered| *triggered).await;
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Shutdown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shutdown").field("triggered", &self.is_triggered()).finish()
+    }
+}
+
+/// Which signal asked the process to stop, for the log line that says why it is draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: what the kubelet sends when a Pod is deleted.
+    Terminate,
+    /// SIGINT / Ctrl-C: a developer stopping a local run.
+    Interrupt,
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Signal::Terminate => "SIGTERM",
+            Signal::Interrupt => "SIGINT",
+        })
+    }
+}
+
+/// Handlers for the stop signals, registered when built. Separate from [`signal`] so a caller (or a test)
+/// can register first and only then do what may cause a signal: a signal arriving before registration
+/// would take the OS default action and kill the process without a drain.
+#[derive(Debug)]
+pub struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Registers the SIGTERM and SIGINT handlers. Must be called inside a Tokio runtime.
+    pub fn new() -> Result<Self, RuntimeError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind, name| signal(kind).map_err(|source| ShutdownError::Listen { signal: name, source });
+            Ok(Signals {
+                term: listen(SignalKind::terminate(), "SIGTERM")?,
+                int: listen(SignalKind::interrupt(), "SIGINT")?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Signals {})
+        }
+    }
+
+    /// Resolves on the next SIGTERM or SIGINT.
+    pub async fn recv(&mut self) -> Result<Signal, RuntimeError> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => Ok(Signal::Terminate),
+                _ = self.int.recv() => Ok(Signal::Interrupt),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c().await.map_err(|source| ShutdownError::Listen { signal: "Ctrl-C", source })?;
+            Ok(Signal::Interrupt)
+        }
+    }
+}
+
+/// Resolves when the process is asked to stop (SIGTERM or Ctrl-C), saying which. Typical `main`:
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), mesh_runtime::RuntimeError> {
+/// let shutdown = mesh_runtime::Shutdown::new();
+/// // ... spawn listeners with shutdown.clone() ...
+/// let why = mesh_runtime::shutdown::signal().await?;
+/// tracing::info!(%why, "draining");
+/// shutdown.trigger();
+/// # Ok(()) }
+/// ```
+pub async fn signal() -> Result<Signal, RuntimeError> {
+    Signals::new()?.recv().await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::timeout;
+
+    use super::*;
+
+    /// Bound for things that must happen; generous so a loaded CI machine does not flake.
+    const SOON: Duration = Duration::from_secs(5);
+    /// How long we watch something that must *not* happen.
+    const A_WHILE: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn a_clone_sees_a_trigger() {
+        let a = Shutdown::new();
+        let b = a.clone();
+        assert!(!a.is_triggered() && !b.is_triggered());
+        b.trigger();
+        assert!(a.is_triggered() && b.is_triggered());
+        a.trigger(); // idempotent
+        assert!(a.is_triggered());
+        assert_eq!(format!("{a:?}"), "Shutdown { triggered: true }");
+    }
+
+    #[tokio::test]
+    async fn wait_blocks_until_trigger() {
+        let s = Shutdown::new();
+        assert!(timeout(A_WHILE, s.wait()).await.is_err(), "wait resolved without a trigger");
+        s.trigger();
+        timeout(SOON, s.wait()).await.expect("wait did not resolve after trigger");
+    }
+
+    #[tokio::test]
+    async fn wait_resolves_for_waiters_started_before_and_after() {
+        let s = Shutdown::new();
+        let early: Vec<_> = (0..3)
+            .map(|_| {
+                let s = s.clone();
+                tokio::spawn(async move { s.wait().await })
+            })
+            .collect();
+        let trigger = s.clone();
+        tokio::spawn(async move { trigger.trigger() });
+        for w in early {
+            timeout(SOON, w).await.expect("an early waiter was not woken").unwrap();
+        }
+        // A waiter that starts after the trigger must not miss it (why this is a `watch`, not a `Notify`).
+        let late = s.clone();
+        timeout(SOON, late.wait()).await.expect("a late waiter missed the trigger");
+    }
+
+    #[tokio::test]
+    async fn wait_is_cancel_safe_in_select() {
+        let s = Shutdown::new();
+        for _ in 0..3 {
+            tokio::select! {
+                _ = s.wait() => panic!("not triggered yet"),
+                _ = tokio::task::yield_now() => {}
+            }
+        }
+        s.trigger();
+        timeout(SOON, s.wait()).await.unwrap();
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(Signal::Terminate.to_string(), "SIGTERM");
+        assert_eq!(Signal::Interrupt.to_string(), "SIGINT");
+    }
+
+    /// Sends a real SIGTERM to this test process, after the handler is registered (so it cannot kill us).
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn sigterm_is_seen() {
+        let mut signals = Signals::new().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(status.success());
+        let got = timeout(SOON, signals.recv()).await.expect("SIGTERM not seen").unwrap();
+        assert_eq!(got, Signal::Terminate);
+    }
+}
