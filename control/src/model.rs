@@ -31,7 +31,7 @@ pub enum ModelError {
         reason: String,
         /// The object, when its kind is one we read and it has a name: a source keeps the last good version
         /// of it in force, as the API server would have refused the bad update.
-        object: Option<ObjectRef>,
+        object: Option<Box<ObjectRef>>,
     },
 }
 
@@ -199,8 +199,9 @@ impl Object {
         };
         let namespaced = our_kind.is_none_or(Kind::namespaced);
         let full_name = if namespaced { format!("{ns}/{name}") } else { name.clone() };
-        let object =
-            our_kind.filter(|_| !name.is_empty()).map(|k| ObjectRef::new(k, if namespaced { &ns } else { "" }, &name));
+        let object = our_kind
+            .filter(|_| !name.is_empty())
+            .map(|k| Box::new(ObjectRef::new(k, if namespaced { &ns } else { "" }, &name)));
         let invalid = |reason: String| ModelError::Invalid {
             kind: kind.clone(),
             name: full_name.clone(),

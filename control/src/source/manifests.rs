@@ -236,7 +236,7 @@ impl Loader {
                 Err(ModelError::Invalid { kind, name, reason, object }) => {
                     self.reject(path, document, Some(format!("{kind} {name}")), format!("invalid {kind}: {reason}"));
                     if let Some(r) = self.loaded.rejected.last_mut() {
-                        r.keep = object;
+                        r.keep = object.map(|o| *o);
                     }
                 }
                 Err(e) if is_list => self.reject(path, document, None, format!("List item {}: {e}", item + 1)),
