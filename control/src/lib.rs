@@ -4,7 +4,9 @@
 //! store into a [`translate::Snapshot`] of Envoy v3 resources per role, incrementally, so one EndpointSlice edit
 //! costs one Service.
 
+pub mod app;
 pub mod model;
+pub mod routes;
 pub mod source;
 pub mod store;
 pub mod translate;

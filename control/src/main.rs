@@ -1,1 +1,57 @@
-fn main() {}
+//! `mesh-control`: watches the cluster state (a manifest folder, for now) and keeps the routing snapshot current.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use mesh_control::app;
+use mesh_control::translate::Options;
+
+/// The mesh control plane.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Folder of Kubernetes manifests (YAML/JSON) to serve, re-read on change: the mesh without a cluster.
+    #[arg(long, env = "MESH_MANIFESTS")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig of the cluster to watch (in-cluster config when neither this nor --manifests is given).
+    #[arg(long, env = "MESH_KUBECONFIG", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// Quiet time after a change to the manifest folder before it is re-read, in milliseconds.
+    #[arg(long, env = "MESH_DEBOUNCE_MS", default_value_t = 50)]
+    debounce_ms: u64,
+    /// Port of the ingress/http Listener sent to ingress proxies (a real Envoy binds it).
+    #[arg(long, env = "MESH_INGRESS_HTTP_PORT", default_value_t = 80)]
+    ingress_http_port: u16,
+    /// Port of the ingress/https Listener.
+    #[arg(long, env = "MESH_INGRESS_HTTPS_PORT", default_value_t = 443)]
+    ingress_https_port: u16,
+    /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "MESH_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
+    let Some(manifests) = args.manifests else {
+        anyhow::bail!(
+            "watching the Kubernetes API is not built yet (it comes with the Kubernetes source); use --manifests DIR"
+        );
+    };
+    let cfg = app::Config {
+        manifests,
+        debounce: Duration::from_millis(args.debounce_ms),
+        translate: Options { ingress_http_port: args.ingress_http_port, ingress_https_port: args.ingress_https_port },
+    };
+    let app = app::build(cfg).await.context("starting mesh-control")?;
+    let signal = mesh_runtime::shutdown::signal().await?;
+    tracing::info!(?signal, "shutting down");
+    app.stop().await;
+    Ok(())
+}

@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod meta;
 pub mod names;
+pub mod snapshot_file;
 pub mod types;
 
 pub use envoy_types::pb::envoy::config::cluster::v3 as cluster;

@@ -504,8 +504,11 @@ fn route_config(
     default_backend: Option<&(ObjectRef, Target)>,
     redirect_tls: Option<&BTreeMap<String, (String, bool)>>,
 ) -> RouteConfiguration {
-    let virtual_hosts = vhosts
-        .iter()
+    // Exact hosts, then wildcards, then the catch-all: the order Envoy matches in, and the order people read.
+    let mut ordered: Vec<(&String, &BTreeMap<PathKey, RouteEntry>)> = vhosts.iter().collect();
+    ordered.sort_by_key(|(h, _)| (h.is_empty(), h.starts_with("*."), h.as_str()));
+    let virtual_hosts = ordered
+        .into_iter()
         .map(|(host, routes)| {
             let redirect = redirect_tls.and_then(|t| tls_for(t, host)).is_some_and(|(_, r)| *r) && !host.is_empty();
             let mut rs: Vec<Route> = Vec::new();
