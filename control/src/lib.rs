@@ -10,3 +10,4 @@ pub mod routes;
 pub mod source;
 pub mod store;
 pub mod translate;
+pub mod xds;

@@ -1,0 +1,187 @@
+//! One Incremental (Delta) ADS stream, as a state machine: requests and snapshots in, responses out.
+//!
+//! Kept free of I/O so every protocol rule is unit-tested directly. Per type the stream remembers what the
+//! client holds (name → version: what it said in `initial_resource_versions`, then what we sent), so it sends
+//! only what changed, removes what is gone, and never resends a resource the client already has — in particular
+//! not one it NACKed, until that resource changes again.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use xds_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource};
+use xds_proto::protobuf::Any;
+use xds_proto::types::ResourceType;
+
+use super::{Ack, Pass, passes};
+use crate::translate::RoleSnapshot;
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// Whether the client asked for every resource of the type (`*`, or the legacy empty first request for
+    /// LDS/CDS).
+    wildcard: bool,
+    subscribed: BTreeSet<String>,
+    /// What the client holds: name → version.
+    has: BTreeMap<String, String>,
+    /// Explicitly subscribed names we told the client do not exist (so we say it once).
+    told_absent: BTreeSet<String>,
+    /// Whether the client has sent its first request for the type.
+    started: bool,
+}
+
+/// The state of one Delta stream.
+#[derive(Debug, Default)]
+pub struct DeltaStream {
+    types: BTreeMap<ResourceType, TypeState>,
+    nonce: u64,
+    /// The nonce of each response sent, with its type, until it is ACKed or NACKed.
+    in_flight: BTreeMap<String, ResourceType>,
+}
+
+impl DeltaStream {
+    /// A new stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Handles one request: an ACK/NACK of an earlier response and/or a change of subscriptions. Returns what
+    /// the request says about an earlier response, and the responses to send now (for new subscriptions).
+    pub fn on_request(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+        snap: Option<&RoleSnapshot>,
+    ) -> (Option<Ack>, Vec<DeltaDiscoveryResponse>) {
+        let Some(kind) = ResourceType::from_type_url(&req.type_url) else {
+            return (Some(Ack::UnknownType(req.type_url.clone())), Vec::new());
+        };
+        let mut ack = None;
+        if !req.response_nonce.is_empty()
+            && let Some(t) = self.in_flight.remove(&req.response_nonce)
+        {
+            ack = Some(match &req.error_detail {
+                Some(e) => Ack::Nack { kind: t, nonce: req.response_nonce.clone(), detail: e.message.clone() },
+                None => Ack::Ack { kind: t, nonce: req.response_nonce.clone() },
+            });
+        }
+        let st = self.types.entry(kind).or_default();
+        let first = !st.started;
+        st.started = true;
+        if first {
+            for (name, version) in &req.initial_resource_versions {
+                st.has.insert(name.clone(), version.clone());
+            }
+            // Legacy wildcard: the first LDS/CDS request naming nothing.
+            if req.resource_names_subscribe.is_empty() && matches!(kind, ResourceType::Listener | ResourceType::Cluster)
+            {
+                st.wildcard = true;
+            }
+        }
+        let mut changed_subscriptions = first;
+        for name in &req.resource_names_subscribe {
+            changed_subscriptions = true;
+            if name == "*" {
+                st.wildcard = true;
+            } else {
+                st.subscribed.insert(name.clone());
+                st.told_absent.remove(name);
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            changed_subscriptions = true;
+            if name == "*" {
+                st.wildcard = false;
+            } else {
+                st.subscribed.remove(name);
+                st.told_absent.remove(name);
+            }
+            // The client drops what it unsubscribed from; forget it so a re-subscribe sends it again.
+            if !st.wildcard {
+                st.has.remove(name);
+            }
+        }
+        let mut out = Vec::new();
+        if changed_subscriptions && let Some(snap) = snap {
+            out.extend(self.respond(kind, snap, Pass::Everything));
+        }
+        (ack, out)
+    }
+
+    /// Brings the client up to date with a snapshot: additions in dependency order, removals of what is
+    /// referenced (Clusters, endpoints, Secrets) only after the Listeners and Routes that used them.
+    pub fn on_snapshot(&mut self, snap: &RoleSnapshot) -> Vec<DeltaDiscoveryResponse> {
+        let mut out = Vec::new();
+        for (kind, pass) in passes() {
+            if self.types.get(&kind).is_some_and(|s| s.started) {
+                out.extend(self.respond(kind, snap, pass));
+            }
+        }
+        out
+    }
+
+    fn respond(&mut self, kind: ResourceType, snap: &RoleSnapshot, pass: Pass) -> Option<DeltaDiscoveryResponse> {
+        let st = self.types.get_mut(&kind)?;
+        let current = snap.get(kind);
+        let mut resources = Vec::new();
+        if pass.updates() {
+            let wanted: Box<dyn Iterator<Item = &String>> = if st.wildcard {
+                Box::new(current.keys().chain(st.subscribed.iter()))
+            } else {
+                Box::new(st.subscribed.iter())
+            };
+            let mut seen = BTreeSet::new();
+            for name in wanted {
+                if !seen.insert(name) {
+                    continue;
+                }
+                let Some(r) = current.get(name) else { continue };
+                if st.has.get(name) == Some(&r.version) {
+                    continue;
+                }
+                st.has.insert(name.clone(), r.version.clone());
+                resources.push(WireResource {
+                    name: name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(Any { type_url: kind.type_url().to_owned(), value: r.body.to_vec() }),
+                    ..Default::default()
+                });
+            }
+        }
+        let mut removed = Vec::new();
+        if pass.removals() {
+            let gone: Vec<String> = st.has.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
+            for name in gone {
+                st.has.remove(&name);
+                removed.push(name);
+            }
+            // Subscribed names that do not exist: say so once, so the client does not wait for them.
+            for name in &st.subscribed {
+                if !current.contains_key(name) && !st.told_absent.contains(name) && !removed.contains(name) {
+                    removed.push(name.clone());
+                }
+            }
+            for name in &removed {
+                if st.subscribed.contains(name) {
+                    st.told_absent.insert(name.clone());
+                }
+            }
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return None;
+        }
+        self.nonce += 1;
+        let nonce = self.nonce.to_string();
+        self.in_flight.insert(nonce.clone(), kind);
+        Some(DeltaDiscoveryResponse {
+            system_version_info: snap.type_version(kind),
+            resources,
+            type_url: kind.type_url().to_owned(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    /// What the client holds of a type (for `/debug/clients`).
+    pub fn holds(&self, kind: ResourceType) -> usize {
+        self.types.get(&kind).map_or(0, |s| s.has.len())
+    }
+}
