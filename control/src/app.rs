@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_runtime::Shutdown;
+use mesh_runtime::{Admin, AdminError, AdminServer, Metrics, ReloadHandle, Shutdown};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::source::{self, SourceError};
 use crate::store::Store;
 use crate::translate::{Options, Problem, Snapshot, Translator};
+use crate::xds::{XdsConfig, XdsError, XdsMetrics, XdsServer};
 
 /// Why the control plane could not start.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,12 @@ pub enum AppError {
     /// The manifest folder could not be read or watched.
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// The xDS server could not start.
+    #[error(transparent)]
+    Xds(#[from] XdsError),
+    /// The admin server could not start.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// How to run the control plane.
@@ -35,6 +42,14 @@ pub struct Config {
     pub debounce: Duration,
     /// Translation settings.
     pub translate: Options,
+    /// Where to serve xDS (port 0 picks one).
+    pub xds_addr: std::net::SocketAddr,
+    /// xDS settings.
+    pub xds: XdsConfig,
+    /// Where to serve the admin endpoints (loopback only).
+    pub admin_addr: std::net::SocketAddr,
+    /// The log filter `/logging` changes, when tracing was set up with one.
+    pub logging: Option<ReloadHandle>,
 }
 
 /// A running control plane.
@@ -42,6 +57,14 @@ pub struct Config {
 pub struct App {
     /// The latest snapshot; `None` until the sources have loaded (never confuse empty with not-yet-loaded).
     pub snapshots: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// Where xDS is served.
+    pub xds_addr: std::net::SocketAddr,
+    /// The xDS server (its connected clients).
+    pub xds: XdsServer,
+    /// Where the admin endpoints are served.
+    pub admin_addr: std::net::SocketAddr,
+    /// The admin server's state (readiness, metrics).
+    pub admin: Admin,
     shutdown: Shutdown,
     task: JoinHandle<()>,
 }
@@ -61,7 +84,23 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let (mut loads, watch_handle) = source::watch(cfg.manifests.clone(), cfg.debounce)?;
     let (tx, rx) = watch::channel(None);
     let shutdown = Shutdown::new();
+    let metrics = XdsMetrics::default();
+    let registry = Metrics::new();
+    registry.with_registry(|r| metrics.register(r));
+    let xds = XdsServer::new(rx.clone(), cfg.xds.clone(), metrics.clone());
+    let mut admin = Admin::builder().metrics(registry).config_dump(config_dump(rx.clone())).route("/debug/clients", {
+        let xds = xds.clone();
+        Arc::new(move || serde_json::to_value(xds.clients()).unwrap_or_default())
+    });
+    if let Some(logging) = cfg.logging.clone() {
+        admin = admin.logging(logging);
+    }
+    let admin = admin.build()?;
+    let (admin_addr, _admin_task) = AdminServer::serve(cfg.admin_addr, admin.clone(), shutdown.clone()).await?;
+    let (xds_addr, _xds_task) = xds.clone().serve(cfg.xds_addr, shutdown.clone()).await?;
     let stop = shutdown.clone();
+    let loop_metrics = metrics.clone();
+    let readiness = admin.readiness().clone();
     let task = tokio::spawn(async move {
         let _watch = watch_handle;
         let mut store = Store::new();
@@ -94,16 +133,68 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                 problems = snap.problems.len(),
                 "snapshot updated"
             );
+            loop_metrics.observe_snapshot(snap);
             tx.send_replace(Some(Arc::new(snap.clone())));
+            // Ready once the sources have loaded and the first snapshot is out.
+            readiness.set_ready(true);
         }
     });
-    Ok(App { snapshots: rx, shutdown, task })
+    Ok(App { snapshots: rx, xds_addr, xds, admin_addr, admin, shutdown, task })
+}
+
+/// `/config_dump`: every role's resources in Envoy's JSON mapping with their versions, and the problems.
+/// Private keys are redacted, as Envoy's own config dump does.
+fn config_dump(snapshots: watch::Receiver<Option<Arc<Snapshot>>>) -> mesh_runtime::JsonSource {
+    use serde_json::{Value, json};
+    use xds_proto::types::ResourceType;
+    Arc::new(move || {
+        let Some(snap) = snapshots.borrow().clone() else { return json!({"loaded": false}) };
+        let role_json = |role: &crate::translate::RoleSnapshot| {
+            let mut out = serde_json::Map::new();
+            for t in ResourceType::ALL {
+                let items: Vec<Value> = role
+                    .get(t)
+                    .values()
+                    .map(|r| {
+                        let mut body = xds_proto::codec::to_json(t.type_url(), &r.body)
+                            .unwrap_or_else(|e| json!({"error": e.to_string()}));
+                        if t == ResourceType::Secret
+                            && let Some(tc) = body.get_mut("tls_certificate")
+                        {
+                            tc["private_key"] = json!({"inline_string": "[redacted]"});
+                        }
+                        json!({"name": r.name, "version": r.version, "resource": body})
+                    })
+                    .collect();
+                out.insert(t.short().to_owned(), Value::Array(items));
+            }
+            Value::Object(out)
+        };
+        let mut roles = serde_json::Map::new();
+        roles.insert("proxy".into(), role_json(&snap.proxy));
+        for (class, role) in &snap.ingress {
+            roles.insert(format!("ingress/{class}"), role_json(role));
+        }
+        json!({"loaded": true, "roles": roles, "problems": snap.problems.iter().map(ToString::to_string).collect::<Vec<_>>()})
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs;
+
+    fn test_config(dir: &std::path::Path) -> Config {
+        Config {
+            manifests: dir.to_owned(),
+            debounce: Duration::from_millis(20),
+            translate: Options::default(),
+            xds_addr: "127.0.0.1:0".parse().unwrap(),
+            xds: XdsConfig::default(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            logging: None,
+        }
+    }
 
     async fn next(rx: &mut watch::Receiver<Option<Arc<Snapshot>>>) -> Arc<Snapshot> {
         tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.expect("a snapshot within 10 s").unwrap();
@@ -119,11 +210,7 @@ mod tests {
             )
         };
         fs::write(d.path().join("web.yaml"), svc("10.96.0.1")).unwrap();
-        let cfg = Config {
-            manifests: d.path().to_owned(),
-            debounce: Duration::from_millis(20),
-            translate: Options::default(),
-        };
+        let cfg = test_config(d.path());
         let mut app = build(cfg).await.unwrap();
         let s = next(&mut app.snapshots).await;
         assert!(s.proxy.get(xds_proto::types::ResourceType::Listener).contains_key("svc/ns/web/80@10.96.0.1"));
@@ -135,11 +222,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_folder_fails_to_start() {
-        let cfg = Config {
-            manifests: "/nonexistent/mesh".into(),
-            debounce: Duration::from_millis(20),
-            translate: Options::default(),
-        };
+        let cfg = test_config(std::path::Path::new("/nonexistent/mesh"));
         assert!(matches!(build(cfg).await, Err(AppError::Source(_))));
     }
 }

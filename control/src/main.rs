@@ -27,6 +27,15 @@ struct Args {
     /// Port of the ingress/https Listener.
     #[arg(long, env = "MESH_INGRESS_HTTPS_PORT", default_value_t = 443)]
     ingress_https_port: u16,
+    /// Where to serve xDS (ADS over gRPC).
+    #[arg(long, env = "MESH_XDS_ADDR", default_value = "0.0.0.0:18000")]
+    xds_addr: std::net::SocketAddr,
+    /// How long an xDS stream waits after a change before pushing (a burst becomes one push), in milliseconds.
+    #[arg(long, env = "MESH_PUSH_DEBOUNCE_MS", default_value_t = 20)]
+    push_debounce_ms: u64,
+    /// Where to serve the admin endpoints (/ready, /metrics, /config_dump, /debug/clients, /logging).
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:19000")]
+    admin_addr: std::net::SocketAddr,
     /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
@@ -38,7 +47,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
+    let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
     let Some(manifests) = args.manifests else {
         anyhow::bail!(
             "watching the Kubernetes API is not built yet (it comes with the Kubernetes source); use --manifests DIR"
@@ -48,8 +57,14 @@ async fn main() -> anyhow::Result<()> {
         manifests,
         debounce: Duration::from_millis(args.debounce_ms),
         translate: Options { ingress_http_port: args.ingress_http_port, ingress_https_port: args.ingress_https_port },
+        xds_addr: args.xds_addr,
+        xds: mesh_control::xds::XdsConfig { debounce: Duration::from_millis(args.push_debounce_ms) },
+        admin_addr: args.admin_addr,
+        logging: Some(logging),
     };
     let app = app::build(cfg).await.context("starting mesh-control")?;
+    // One machine-readable line a supervisor or test can wait for.
+    println!("mesh-control xds={} admin={}", app.xds_addr, app.admin_addr);
     let signal = mesh_runtime::shutdown::signal().await?;
     tracing::info!(?signal, "shutting down");
     app.stop().await;

@@ -4,10 +4,19 @@
 //! [`shutdown::Shutdown`] handed to every task, and [`shutdown::signal`] turning SIGTERM / Ctrl-C into a
 //! trigger. Keeping this here, and nothing about routing, means the three binaries cannot drift apart in how
 //! they log or drain.
+//!
+//! Each binary also runs the same localhost admin server ([`admin::AdminServer`]): `/ready` from a
+//! [`admin::Readiness`] flag the app flips once loaded, `/metrics` from the shared [`metrics::Metrics`]
+//! registry (with process metrics every binary gets for free), `/config_dump` and extra JSON routes from app
+//! callbacks, and `/logging` on the [`telemetry::ReloadHandle`].
 
+pub mod admin;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
 
+pub use admin::{Admin, AdminBuilder, AdminError, AdminServer, JsonSource, LogFilter, Readiness};
+pub use metrics::{Metrics, MetricsError};
 pub use shutdown::{Shutdown, ShutdownError, Signal};
 pub use telemetry::{ReloadHandle, TelemetryError};
 
@@ -21,4 +30,10 @@ pub enum RuntimeError {
     /// Listening for shutdown signals failed.
     #[error(transparent)]
     Shutdown(#[from] ShutdownError),
+    /// Building or starting the admin server failed.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    /// Rendering metrics failed.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }

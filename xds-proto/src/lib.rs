@@ -5,8 +5,10 @@
 //! - re-exports of the `envoy-types` modules we use, so callers do not chase deep module paths;
 //! - type URLs ([`types`]);
 //! - resource names ([`names`]) and the `filter_metadata["mesh"]` keys ([`meta`]) for facts Envoy cannot express;
-//! - deterministic encoding and Envoy's JSON mapping ([`codec`]).
+//! - deterministic encoding and Envoy's JSON mapping ([`codec`]), and snapshot files ([`snapshot_file`]);
+//! - the ADS client the data planes and `meshctl` share ([`client`]).
 
+pub mod client;
 pub mod codec;
 pub mod meta;
 pub mod names;
@@ -28,6 +30,7 @@ pub use envoy_types::pb::envoy::service::discovery::v3 as discovery;
 pub use envoy_types::pb::envoy::r#type::matcher::v3 as envoy_matcher;
 pub use envoy_types::pb::envoy::r#type::v3 as envoy_type;
 pub use envoy_types::pb::google::protobuf;
+pub use envoy_types::pb::google::rpc;
 pub use envoy_types::pb::xds::core::v3 as xds_core;
 pub use envoy_types::pb::xds::r#type::matcher::v3 as xds_matcher;
 
