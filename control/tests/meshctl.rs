@@ -76,3 +76,34 @@ fn errors_are_clear() {
     assert!(!ok);
     assert!(err.contains("/nonexistent/folder"), "{err}");
 }
+
+#[test]
+fn routes_from_a_running_control_plane_match_the_offline_table() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt
+        .block_on(mesh_control::app::build(mesh_control::app::Config {
+            manifests: shop(),
+            debounce: std::time::Duration::from_millis(20),
+            translate: Options::default(),
+            xds_addr: "127.0.0.1:0".parse().unwrap(),
+            xds: Default::default(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            logging: None,
+        }))
+        .unwrap();
+    let control = format!("http://{}", app.xds_addr);
+    let (ok, offline, err) = meshctl(&["routes", "--manifests", shop().to_str().unwrap(), "-o", "json"]);
+    assert!(ok, "{err}");
+    for protocol in ["delta", "sotw"] {
+        let (ok, live, err) = meshctl(&["routes", "--control", &control, "--protocol", protocol, "-o", "json"]);
+        assert!(ok, "{err}");
+        let (offline, live): (serde_json::Value, serde_json::Value) =
+            (serde_json::from_str(&offline).unwrap(), serde_json::from_str(&live).unwrap());
+        assert_eq!(live["addresses"], offline["addresses"], "{protocol}");
+        assert_eq!(live["ingress"], offline["ingress"], "{protocol}");
+    }
+    let (ok, _, err) = meshctl(&["routes", "--control", "http://127.0.0.1:1", "--timeout", "2"]);
+    assert!(!ok);
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    rt.block_on(app.stop());
+}

@@ -1,6 +1,7 @@
 //! `meshctl`: see where traffic goes, and write what a proxy would be sent.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -28,6 +29,13 @@ enum Output {
     Yaml,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RolesArg {
+    Proxy,
+    Ingress,
+    Both,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum RoleArg {
     Proxy,
@@ -44,9 +52,23 @@ enum Command {
         /// Ask a running control plane (http://ADDR) instead.
         #[arg(long, env = "MESH_CONTROL", conflicts_with = "manifests")]
         control: Option<String>,
-        /// Show what this node's proxy uses (Local traffic policies keep only its endpoints).
+        /// Show what this node's proxy uses (Local traffic policies keep only its endpoints); with --control,
+        /// also the node name meshctl gives the control plane.
         #[arg(long, env = "MESH_NODE")]
         node: Option<String>,
+        /// With --control: which roles to ask for (the node proxy's Service addresses, the ingress routes, or
+        /// both).
+        #[arg(long, value_enum, default_value_t = RolesArg::Both)]
+        role: RolesArg,
+        /// With --control: the IngressClass to ask for.
+        #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
+        ingress_class: String,
+        /// With --control: the xDS protocol variant.
+        #[arg(long, default_value = "delta")]
+        protocol: xds_proto::client::Protocol,
+        /// With --control: how long to wait for the control plane, in seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -81,17 +103,55 @@ fn offline(dir: &Path) -> anyhow::Result<Snapshot> {
     Ok(translate(&store, &Options::default()))
 }
 
+/// Asking a running control plane, as a client of the roles asked for.
+struct Ask {
+    endpoint: String,
+    node: Option<String>,
+    ingress_class: String,
+    protocol: xds_proto::client::Protocol,
+    timeout: Duration,
+}
+
+impl Ask {
+    async fn fetch(&self, role: &str) -> anyhow::Result<routes::Encoded> {
+        let node = self.node.clone().unwrap_or_else(|| "meshctl".into());
+        let mut cfg = xds_proto::client::ClientConfig::new(self.endpoint.clone(), node, role);
+        cfg.protocol = self.protocol;
+        if role == "ingress" {
+            cfg.ingress_class = Some(self.ingress_class.clone());
+        }
+        let got = xds_proto::client::fetch_once(cfg, self.timeout)
+            .await
+            .with_context(|| format!("asking {} for the {role} role", self.endpoint))?;
+        Ok(got.into_iter().map(|(t, m)| (t, m.into_iter().map(|(n, e)| (n, e.body)).collect())).collect())
+    }
+
+    async fn table(&self, roles: RolesArg) -> anyhow::Result<routes::RouteTable> {
+        let mut t = routes::RouteTable::default();
+        if roles != RolesArg::Ingress {
+            t.addresses = routes::address_rows(&self.fetch("proxy").await?, self.node.as_deref())?;
+        }
+        if roles != RolesArg::Proxy {
+            t.ingress = routes::ingress_rows(&self.ingress_class, &self.fetch("ingress").await?)?;
+        }
+        t.problems = vec!["(not sent over xDS: see mesh-control's log or its admin /config_dump)".to_owned()];
+        Ok(t)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     mesh_runtime::telemetry::init_tracing(&cli.log, false)?;
     match cli.command {
-        Command::Routes { manifests, control, node, output } => {
-            if control.is_some() {
-                bail!("meshctl routes --control is not built yet (it comes with the xDS server); use --manifests DIR");
-            }
-            let dir = manifests.context("--manifests DIR is required")?;
-            let snap = offline(&dir)?;
-            let table = routes::from_snapshot(&snap, node.as_deref())?;
+        Command::Routes { manifests, control, node, role, ingress_class, protocol, timeout, output } => {
+            let table = match (control, manifests) {
+                (Some(endpoint), _) => {
+                    let ask = Ask { endpoint, node, ingress_class, protocol, timeout: Duration::from_secs(timeout) };
+                    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(ask.table(role))?
+                }
+                (None, Some(dir)) => routes::from_snapshot(&offline(&dir)?, node.as_deref())?,
+                (None, None) => bail!("say where the routes come from: --manifests DIR or --control http://ADDR"),
+            };
             match output {
                 Output::Table => print!("{}", table.to_text()),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&table)?),

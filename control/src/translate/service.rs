@@ -369,7 +369,15 @@ fn build_cla(
         let family_v6 = match slice.address_type.as_str() {
             "IPv4" => false,
             "IPv6" => true,
-            _ => continue, // FQDN slices: kube-proxy ignores them too; reported once below.
+            // FQDN slices name hosts, not addresses; kube-proxy ignores them too.
+            "FQDN" => continue,
+            other => {
+                problems.push(Problem::new(
+                    slice_ref(slice),
+                    format!("addressType {other:?} is not IPv4, IPv6 or FQDN; slice skipped"),
+                ));
+                continue;
+            }
         };
         let slice_port = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or_default() == want_name

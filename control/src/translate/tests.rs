@@ -331,6 +331,8 @@ fn endpoint_conditions_map_to_health() {
 fn slices_merge_duplicates_collapse_fqdn_and_bad_addresses_skipped() {
     let mut fqdn = slice("d-3", "d", json!([{"port": 80}]), json!([ep("db.example.com")]));
     fqdn["addressType"] = json!("FQDN");
+    let mut weird = slice("d-5", "d", json!([{"port": 80}]), json!([ep("10.0.0.5")]));
+    weird["addressType"] = json!("IPv5");
     let s = snap(vec![
         svc("d", json!({"clusterIP": "10.96.0.4", "ports": [{"port": 80}]})),
         slice(
@@ -341,6 +343,7 @@ fn slices_merge_duplicates_collapse_fqdn_and_bad_addresses_skipped() {
         ),
         slice("d-2", "d", json!([{"port": 80}]), json!([ep("10.0.0.1"), ep("10.0.0.2"), ep("fd00::1")])),
         fqdn,
+        weird,
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n9", "labels": {"topology.kubernetes.io/zone": "z9"}}}),
         slice("d-4", "d", json!([{"port": 80}]), json!([{"addresses": ["10.0.0.4"], "nodeName": "n9"}])),
     ]);
@@ -358,6 +361,8 @@ fn slices_merge_duplicates_collapse_fqdn_and_bad_addresses_skipped() {
     assert_eq!(z9.locality.as_ref().unwrap().zone, "z9");
     assert!(has_problem(&s, "EndpointSlice ns/d-1: endpoint address \"bogus\" is not an IPv4 address"));
     assert!(has_problem(&s, "EndpointSlice ns/d-2: endpoint address \"fd00::1\" is not an IPv4 address"));
+    assert!(has_problem(&s, "EndpointSlice ns/d-5: addressType \"IPv5\" is not IPv4, IPv6 or FQDN"));
+    assert!(!has_problem(&s, "ns/d-3"), "FQDN slices are skipped quietly: {:?}", problems(&s));
 }
 
 #[test]

@@ -26,6 +26,9 @@ struct TypeState {
     told_absent: BTreeSet<String>,
     /// Whether the client has sent its first request for the type.
     started: bool,
+    /// Whether it got a response for the type yet: the first one is always sent, even empty, so a client
+    /// knows it is up to date (an empty type is not a type still loading).
+    answered: bool,
 }
 
 /// The state of one Delta stream.
@@ -164,9 +167,10 @@ impl DeltaStream {
                 }
             }
         }
-        if resources.is_empty() && removed.is_empty() {
+        if resources.is_empty() && removed.is_empty() && st.answered {
             return None;
         }
+        st.answered = true;
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         self.in_flight.insert(nonce.clone(), kind);

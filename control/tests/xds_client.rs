@@ -1,0 +1,151 @@
+//! Our ADS client against our ADS server, in-process: what a role fetches is exactly its snapshot, a one-endpoint
+//! change reaches a connected client as one ClusterLoadAssignment, and a client that reconnects is not resent what
+//! it has.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_control::app::{self, App, Config};
+use mesh_control::translate::{Options, Role};
+use mesh_control::xds::XdsConfig;
+use xds_proto::client::{self, ClientConfig, Handler, Protocol, Update};
+use xds_proto::types::ResourceType;
+
+const SLICE: &str = "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- addresses: [ENDPOINT]
+";
+
+fn write_cluster(dir: &Path, endpoint: &str) {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/shop");
+    for f in std::fs::read_dir(example).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_some_and(|e| e == "yaml") && !dir.join(f.file_name().unwrap()).exists() {
+            std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    // Replace web's slices with one we control.
+    let web = std::fs::read_to_string(dir.join("web.yaml")).unwrap();
+    let kept: Vec<&str> = web.split("\n---").filter(|d| !d.contains("kind: EndpointSlice")).collect();
+    std::fs::write(dir.join("web.yaml"), kept.join("\n---")).unwrap();
+    std::fs::write(dir.join("web-slice.yaml"), SLICE.replace("ENDPOINT", endpoint)).unwrap();
+}
+
+async fn start(dir: &Path, xds_addr: &str) -> App {
+    let cfg = Config {
+        manifests: dir.to_owned(),
+        debounce: Duration::from_millis(10),
+        translate: Options::default(),
+        xds_addr: xds_addr.parse().unwrap(),
+        xds: XdsConfig { debounce: Duration::from_millis(5) },
+        admin_addr: "127.0.0.1:0".parse().unwrap(),
+        logging: None,
+    };
+    let mut app = app::build(cfg).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), app.snapshots.wait_for(Option::is_some)).await.unwrap().unwrap();
+    app
+}
+
+fn config(app: &App, role: &str, protocol: Protocol) -> ClientConfig {
+    let mut c = ClientConfig::new(format!("http://{}", app.xds_addr), "node-a", role);
+    if role == "ingress" {
+        c.ingress_class = Some("mesh".into());
+    }
+    c.protocol = protocol;
+    c.backoff_min = Duration::from_millis(20);
+    c.backoff_max = Duration::from_millis(200);
+    c
+}
+
+#[tokio::test]
+async fn each_role_fetches_exactly_its_snapshot_over_both_protocols() {
+    let d = tempfile::tempdir().unwrap();
+    write_cluster(d.path(), "127.20.0.11");
+    let app = start(d.path(), "127.0.0.1:0").await;
+    let snap = app.snapshots.borrow().clone().unwrap();
+    for (role_name, role) in [("proxy", Role::Proxy), ("ingress", Role::Ingress { class: "mesh".into() })] {
+        let want = snap.role(&role);
+        for protocol in [Protocol::Delta, Protocol::Sotw] {
+            let got = client::fetch_once(config(&app, role_name, protocol), Duration::from_secs(10)).await.unwrap();
+            for t in ResourceType::ALL {
+                let got: BTreeMap<&String, &[u8]> =
+                    got.get(&t).into_iter().flatten().map(|(n, e)| (n, &e.body[..])).collect();
+                let want: BTreeMap<&String, &[u8]> = want.get(t).iter().map(|(n, r)| (n, &r.body[..])).collect();
+                assert_eq!(got, want, "{role_name} {protocol} {t}");
+            }
+        }
+    }
+    app.stop().await;
+}
+
+/// Records every update a client applies.
+#[derive(Clone, Default)]
+struct Recorder(Arc<Mutex<Vec<(ResourceType, Vec<String>, Vec<String>)>>>);
+
+impl Handler for Recorder {
+    fn apply(&mut self, u: &Update) -> Result<(), String> {
+        self.0.lock().unwrap().push((u.kind, u.changed.clone(), u.removed.clone()));
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<(ResourceType, Vec<String>, Vec<String>)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !f() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not within 10 s"));
+}
+
+#[tokio::test]
+async fn one_endpoint_change_is_one_cla_and_reconnects_are_not_resent() {
+    let d = tempfile::tempdir().unwrap();
+    write_cluster(d.path(), "127.20.0.11");
+    let app = start(d.path(), "127.0.0.1:0").await;
+    let xds_addr = app.xds_addr.to_string();
+    let rec = Recorder::default();
+    let handle = client::spawn(config(&app, "proxy", Protocol::Delta), rec.clone());
+    let mut status = handle.status();
+    let all = ResourceType::ALL;
+    tokio::time::timeout(Duration::from_secs(10), status.wait_for(|s| s.is_loaded(&all))).await.unwrap().unwrap();
+    rec.take();
+
+    let before = app.snapshots.borrow().clone().unwrap();
+    std::fs::write(d.path().join("web-slice.yaml"), SLICE.replace("ENDPOINT", "127.20.0.99")).unwrap();
+    eventually("a new snapshot", || !Arc::ptr_eq(app.snapshots.borrow().as_ref().unwrap(), &before)).await;
+    eventually("an update", || !rec.0.lock().unwrap().is_empty()).await;
+    // Let any straggling pushes land, then look at everything that came.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let updates = rec.take();
+    assert_eq!(
+        updates,
+        [(ResourceType::ClusterLoadAssignment, vec!["shop/web/http".to_owned()], vec![])],
+        "one endpoint change: one ClusterLoadAssignment, nothing else"
+    );
+
+    // The control plane restarts on the same address: the client reconnects with what it has and is sent nothing.
+    app.stop().await;
+    eventually("disconnected", || !status.borrow().connected).await;
+    let app = start(d.path(), &xds_addr).await;
+    eventually("reconnected", || status.borrow().connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resent: Vec<_> =
+        rec.take().into_iter().filter(|(_, changed, removed)| !changed.is_empty() || !removed.is_empty()).collect();
+    assert!(resent.is_empty(), "nothing is resent after a reconnect: {resent:?}");
+    handle.stop().await;
+    app.stop().await;
+}
