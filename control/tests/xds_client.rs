@@ -86,7 +86,10 @@ async fn each_role_fetches_exactly_its_snapshot_over_both_protocols() {
 
 /// Records every update a client applies.
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<(ResourceType, Vec<String>, Vec<String>)>>>);
+struct Recorder(Arc<Mutex<Vec<Seen>>>);
+
+/// An update as seen: its type, the names changed and the names removed.
+type Seen = (ResourceType, Vec<String>, Vec<String>);
 
 impl Handler for Recorder {
     fn apply(&mut self, u: &Update) -> Result<(), String> {
@@ -96,7 +99,7 @@ impl Handler for Recorder {
 }
 
 impl Recorder {
-    fn take(&self) -> Vec<(ResourceType, Vec<String>, Vec<String>)> {
+    fn take(&self) -> Vec<Seen> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
 }
