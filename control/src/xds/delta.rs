@@ -1,18 +1,25 @@
 //! One Incremental (Delta) ADS stream, as a state machine: requests and snapshots in, responses out.
 //!
 //! Kept free of I/O so every protocol rule is unit-tested directly. Per type the stream remembers what the
-//! client holds (name → version: what it said in `initial_resource_versions`, then what we sent), so it sends
-//! only what changed, removes what is gone, and never resends a resource the client already has — in particular
-//! not one it NACKed, until that resource changes again.
+//! client holds (what it said in `initial_resource_versions`, then what we sent), so it sends only what changed,
+//! removes what is gone, and never resends a resource the client already has — in particular not one it NACKed,
+//! until that resource changes again.
+//!
+//! What a wildcard client holds is kept as a persistent map that shares its structure with the snapshot it was
+//! brought up to date with, so a thousand clients cost a thousand pointers, not a thousand copies of the
+//! cluster, and finding what changed visits only the parts of the two maps that differ.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use imbl::ordmap::DiffItem;
 
 use xds_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource};
 use xds_proto::protobuf::Any;
 use xds_proto::types::ResourceType;
 
 use super::{Ack, Pass, passes};
-use crate::translate::RoleSnapshot;
+use crate::translate::{Resource, Resources, RoleSnapshot};
 
 #[derive(Debug, Default)]
 struct TypeState {
@@ -20,8 +27,9 @@ struct TypeState {
     /// LDS/CDS).
     wildcard: bool,
     subscribed: BTreeSet<String>,
-    /// What the client holds: name → version.
-    has: BTreeMap<String, String>,
+    /// What the client holds. Versions named by `initial_resource_versions` become placeholder resources with
+    /// that version and no body: only the version is ever compared.
+    has: Resources,
     /// Explicitly subscribed names we told the client do not exist (so we say it once).
     told_absent: BTreeSet<String>,
     /// Whether the client has sent its first request for the type.
@@ -70,7 +78,8 @@ impl DeltaStream {
         st.started = true;
         if first {
             for (name, version) in &req.initial_resource_versions {
-                st.has.insert(name.clone(), version.clone());
+                let placeholder = Resource { name: name.clone(), version: version.clone(), body: Default::default() };
+                st.has.insert(name.clone(), Arc::new(placeholder));
             }
             // Legacy wildcard: the first LDS/CDS request naming nothing.
             if req.resource_names_subscribe.is_empty() && matches!(kind, ResourceType::Listener | ResourceType::Cluster)
@@ -123,57 +132,94 @@ impl DeltaStream {
     fn respond(&mut self, kind: ResourceType, snap: &RoleSnapshot, pass: Pass) -> Option<DeltaDiscoveryResponse> {
         let st = self.types.get_mut(&kind)?;
         let current = snap.get(kind);
-        let mut resources = Vec::new();
-        if pass.updates() {
-            let wanted: Box<dyn Iterator<Item = &String>> = if st.wildcard {
-                Box::new(current.keys().chain(st.subscribed.iter()))
-            } else {
-                Box::new(st.subscribed.iter())
-            };
-            let mut seen = BTreeSet::new();
-            for name in wanted {
-                if !seen.insert(name) {
-                    continue;
+        let mut send: Vec<Arc<Resource>> = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
+        if st.wildcard {
+            // Only the parts of the two maps that differ are visited.
+            for item in st.has.diff(current) {
+                match item {
+                    DiffItem::Add(_, r) => send.push(r.clone()),
+                    DiffItem::Update { old: (_, o), new: (_, r) } if o.version != r.version => send.push(r.clone()),
+                    DiffItem::Update { .. } => {}
+                    DiffItem::Remove(name, _) => removed.push(name.clone()),
                 }
-                let Some(r) = current.get(name) else { continue };
-                if st.has.get(name) == Some(&r.version) {
-                    continue;
-                }
-                st.has.insert(name.clone(), r.version.clone());
-                resources.push(WireResource {
-                    name: name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(Any { type_url: kind.type_url().to_owned(), value: r.body.to_vec() }),
-                    ..Default::default()
-                });
             }
-        }
-        let mut removed = Vec::new();
-        if pass.removals() {
-            let gone: Vec<String> = st.has.keys().filter(|n| !current.contains_key(*n)).cloned().collect();
-            for name in gone {
-                st.has.remove(&name);
-                removed.push(name);
-            }
-            // Subscribed names that do not exist: say so once, so the client does not wait for them.
+        } else {
             for name in &st.subscribed {
-                if !current.contains_key(name) && !st.told_absent.contains(name) && !removed.contains(name) {
+                match (current.get(name), st.has.get(name)) {
+                    (Some(r), Some(h)) if h.version == r.version => {}
+                    (Some(r), _) => send.push(r.clone()),
+                    (None, Some(_)) => removed.push(name.clone()),
+                    (None, None) => {}
+                }
+            }
+            // Held but no longer subscribed (an earlier wildcard): gone too, if gone from the snapshot.
+            for (name, _) in st.has.iter() {
+                if !st.subscribed.contains(name) && !current.contains_key(name) && !removed.contains(name) {
                     removed.push(name.clone());
                 }
             }
-            for name in &removed {
-                if st.subscribed.contains(name) {
-                    st.told_absent.insert(name.clone());
+        }
+        // Whether, after this response, the client holds exactly the snapshot's map.
+        let complete = (pass.updates() || send.is_empty()) && (pass.removals() || removed.is_empty());
+        let pending_removal = if pass.removals() { Vec::new() } else { removed.clone() };
+        if !pass.updates() {
+            send.clear();
+        }
+        if !pass.removals() {
+            removed.clear();
+        }
+        // Subscribed names that do not exist: say so once, so the client does not wait for them.
+        let mut absent = Vec::new();
+        if pass.removals() {
+            for name in &st.subscribed {
+                if !current.contains_key(name) && !st.told_absent.contains(name) && !removed.contains(name) {
+                    absent.push(name.clone());
                 }
             }
         }
-        if resources.is_empty() && removed.is_empty() && st.answered {
+        if send.is_empty() && removed.is_empty() && absent.is_empty() && st.answered {
             return None;
         }
         st.answered = true;
+        // Record what the client now holds; for a wildcard client brought fully up to date that is the
+        // snapshot's own map, shared.
+        if st.wildcard && complete {
+            st.has = current.clone();
+        } else if st.wildcard && pass == Pass::Updates {
+            // Up to date but for removals still to come: the snapshot's map plus what is pending removal.
+            let pending: Vec<(String, Arc<Resource>)> =
+                pending_removal.into_iter().filter_map(|n| st.has.get(&n).map(|r| (n, r.clone()))).collect();
+            st.has = current.clone();
+            for (n, r) in pending {
+                st.has.insert(n, r);
+            }
+        } else {
+            for r in &send {
+                st.has.insert(r.name.clone(), r.clone());
+            }
+            for name in &removed {
+                st.has.remove(name);
+            }
+        }
+        for name in removed.iter().chain(&absent) {
+            if st.subscribed.contains(name) {
+                st.told_absent.insert(name.clone());
+            }
+        }
+        removed.extend(absent);
         self.nonce += 1;
         let nonce = self.nonce.to_string();
         self.in_flight.insert(nonce.clone(), kind);
+        let resources = send
+            .into_iter()
+            .map(|r| WireResource {
+                name: r.name.clone(),
+                version: r.version.clone(),
+                resource: Some(Any { type_url: kind.type_url().to_owned(), value: r.body.to_vec() }),
+                ..Default::default()
+            })
+            .collect();
         Some(DeltaDiscoveryResponse {
             system_version_info: snap.type_version(kind),
             resources,

@@ -7,12 +7,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use imbl::ordmap::DiffItem;
+
 use xds_proto::discovery::{DiscoveryRequest, DiscoveryResponse};
 use xds_proto::protobuf::Any;
 use xds_proto::types::ResourceType;
 
 use super::{Ack, Pass, passes};
-use crate::translate::{Resource, RoleSnapshot};
+use crate::translate::{Resources, RoleSnapshot};
 
 #[derive(Debug, Default)]
 struct TypeState {
@@ -20,8 +22,9 @@ struct TypeState {
     requested: bool,
     /// `None`: every resource of the type.
     names: Option<BTreeSet<String>>,
-    /// The resources last sent, by name (kept so removals can be delayed until nothing refers to them).
-    sent: BTreeMap<String, std::sync::Arc<Resource>>,
+    /// The resources last sent, by name (kept so removals can be delayed until nothing refers to them); for a
+    /// wildcard it shares its structure with the snapshot.
+    sent: Resources,
     /// The version last sent, if any.
     sent_version: Option<String>,
     /// The nonce of the last response; only a request carrying it is an ACK/NACK.
@@ -36,7 +39,7 @@ pub struct SotwStream {
 }
 
 /// A version for a set of resources: a hash of names and versions.
-fn set_version(set: &BTreeMap<String, std::sync::Arc<Resource>>) -> String {
+fn set_version(set: &Resources) -> String {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (name, r) in set {
         h.update(name.as_bytes());
@@ -116,24 +119,29 @@ impl SotwStream {
     ) -> Option<DiscoveryResponse> {
         let st = self.types.get_mut(&kind)?;
         let current = snap.get(kind);
-        let mut set: BTreeMap<String, std::sync::Arc<Resource>> = match &st.names {
-            None => current.iter().map(|(n, r)| (n.clone(), r.clone())).collect(),
+        let mut set: Resources = match &st.names {
+            None => current.clone(),
             Some(names) => names.iter().filter_map(|n| current.get(n).map(|r| (n.clone(), r.clone()))).collect(),
         };
-        if !pass.removals() {
-            // Keep what is gone for now: a Listener may still name it until the Listener update lands.
-            for (n, r) in &st.sent {
-                set.entry(n.clone()).or_insert_with(|| r.clone());
+        // What changed since the last response (visiting only what differs).
+        let (mut added, mut gone, mut updated) = (Vec::new(), Vec::new(), Vec::new());
+        for item in st.sent.diff(&set) {
+            match item {
+                DiffItem::Add(n, _) => added.push(n.clone()),
+                DiffItem::Remove(n, r) => gone.push((n.clone(), r.clone())),
+                DiffItem::Update { old: (n, o), .. } => updated.push((n.clone(), o.clone())),
             }
         }
-        if !pass.updates() {
-            // Removals only: what is kept stays at the version the client has.
-            for (n, r) in set.iter_mut() {
-                if let Some(old) = st.sent.get(n) {
-                    *r = old.clone();
-                }
+        if !pass.removals() {
+            // Keep what is gone for now: a Listener may still name it until the Listener update lands.
+            for (n, r) in gone {
+                set.insert(n, r);
             }
-            let added: Vec<String> = set.keys().filter(|n| !st.sent.contains_key(*n)).cloned().collect();
+        } else if !pass.updates() {
+            // Removals only: what is kept stays at the version the client has, and nothing is added.
+            for (n, r) in updated {
+                set.insert(n, r);
+            }
             for n in added {
                 set.remove(&n);
             }
