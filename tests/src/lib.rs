@@ -1,1 +1,25 @@
+//! End-to-end test harness: runs the real binaries (and, where installed, a real Envoy) on loopback.
+//!
+//! - [`process`]: a kill-on-drop guard for a spawned binary, with its output captured, and the lookup of the
+//!   workspace's built binaries (`target/<profile>/mesh-control`).
+//! - [`wait`]: [`eventually`], the bounded poll every test waits with (never a bare sleep).
+//! - [`echo`]: an HTTP echo backend that names itself in every answer (a stand-in Pod).
+//! - [`http`]: a tiny HTTP/1.1 client that sends any `Host` to any address.
+//! - [`envoy`]: finding the Envoy binary and running it from a generated ADS bootstrap.
+//! - [`net`]: free ports on loopback addresses.
+//!
+//! Every address used is in 127.0.0.0/8; every process started is killed by its PID when its guard drops.
 
+pub mod echo;
+pub mod envoy;
+pub mod http;
+pub mod net;
+pub mod process;
+pub mod wait;
+
+pub use echo::EchoBackend;
+pub use envoy::{Ads, Envoy, EnvoyConfig, Role, find_envoy};
+pub use http::{Reply, http_get};
+pub use net::free_port;
+pub use process::{Process, wait_for_line, workspace_bin};
+pub use wait::eventually;
