@@ -33,6 +33,19 @@ struct Args {
     /// How long an xDS stream waits after a change before pushing (a burst becomes one push), in milliseconds.
     #[arg(long, env = "MESH_PUSH_DEBOUNCE_MS", default_value_t = 20)]
     push_debounce_ms: u64,
+    /// How many large xDS pushes (initial snapshots) may be in flight at once; bounds memory when many proxies
+    /// connect together.
+    #[arg(long, env = "MESH_LARGE_PUSHES", default_value_t = 4)]
+    large_pushes: usize,
+    /// Serve xDS over TLS with this PEM certificate chain (with --xds-tls-key).
+    #[arg(long, env = "MESH_XDS_TLS_CERT", requires = "xds_tls_key")]
+    xds_tls_cert: Option<PathBuf>,
+    /// The PEM private key of --xds-tls-cert.
+    #[arg(long, env = "MESH_XDS_TLS_KEY", requires = "xds_tls_cert")]
+    xds_tls_key: Option<PathBuf>,
+    /// Require xDS clients to present a certificate signed by this PEM CA.
+    #[arg(long, env = "MESH_XDS_CLIENT_CA", requires = "xds_tls_cert")]
+    xds_client_ca: Option<PathBuf>,
     /// Where to serve the admin endpoints (/ready, /metrics, /config_dump, /debug/clients, /logging).
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:19000")]
     admin_addr: std::net::SocketAddr,
@@ -53,12 +66,25 @@ async fn main() -> anyhow::Result<()> {
             "watching the Kubernetes API is not built yet (it comes with the Kubernetes source); use --manifests DIR"
         );
     };
+    let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let tls = match (&args.xds_tls_cert, &args.xds_tls_key) {
+        (Some(cert), Some(key)) => Some(mesh_control::xds::ServerTls {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: args.xds_client_ca.as_ref().map(read).transpose()?,
+        }),
+        _ => None,
+    };
     let cfg = app::Config {
         manifests,
         debounce: Duration::from_millis(args.debounce_ms),
         translate: Options { ingress_http_port: args.ingress_http_port, ingress_https_port: args.ingress_https_port },
         xds_addr: args.xds_addr,
-        xds: mesh_control::xds::XdsConfig { debounce: Duration::from_millis(args.push_debounce_ms) },
+        xds: mesh_control::xds::XdsConfig {
+            debounce: Duration::from_millis(args.push_debounce_ms),
+            tls,
+            large_pushes: args.large_pushes,
+        },
         admin_addr: args.admin_addr,
         logging: Some(logging),
     };

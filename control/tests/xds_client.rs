@@ -43,7 +43,7 @@ async fn start(dir: &Path, xds_addr: &str) -> App {
         debounce: Duration::from_millis(10),
         translate: Options::default(),
         xds_addr: xds_addr.parse().unwrap(),
-        xds: XdsConfig { debounce: Duration::from_millis(5) },
+        xds: XdsConfig { debounce: Duration::from_millis(5), ..XdsConfig::default() },
         admin_addr: "127.0.0.1:0".parse().unwrap(),
         logging: None,
     };

@@ -179,7 +179,7 @@ impl FromStr for Protocol {
 /// Who the client is, where the server is, and what to ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
-    /// The control plane, `http://host:port`.
+    /// The control plane, `http://host:port` (or `https://` with [`ClientConfig::tls`]).
     pub endpoint: String,
     /// `node.id`: the node name (proxy) or pod name (ingress); the server uses it for per-node resources.
     pub node_id: String,
@@ -196,6 +196,19 @@ pub struct ClientConfig {
     pub backoff_min: Duration,
     /// The longest wait before a reconnect.
     pub backoff_max: Duration,
+    /// TLS to the control plane (`https://` endpoints).
+    pub tls: Option<ClientTls>,
+}
+
+/// TLS settings of the connection to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM of the CA that signed the control plane's certificate.
+    pub ca_pem: Vec<u8>,
+    /// PEM certificate chain and key this client proves itself with, when the control plane asks for one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name to check the server's certificate against, when not the endpoint's host.
+    pub domain: Option<String>,
 }
 
 impl ClientConfig {
@@ -210,6 +223,7 @@ impl ClientConfig {
             types: ResourceType::ALL.to_vec(),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            tls: None,
         }
     }
 
@@ -223,13 +237,32 @@ impl ClientConfig {
         let endpoint = Endpoint::from_shared(self.endpoint.clone()).map_err(|e| invalid(error_chain(&e)))?;
         match endpoint.uri().scheme_str() {
             Some("http") => {}
-            Some("https") => return Err(invalid("TLS to the control plane is not supported by this build".into())),
+            Some("https") if self.tls.is_none() => {
+                return Err(invalid(
+                    "https:// needs TLS settings (the CA that signed the control plane's certificate)".into(),
+                ));
+            }
+            Some("https") => {}
             Some(other) => return Err(invalid(format!("unsupported scheme {other:?}"))),
             None => return Err(invalid("no scheme".into())),
         }
         if endpoint.uri().host().is_none_or(str::is_empty) {
             return Err(invalid("no host".into()));
         }
+        let endpoint = match &self.tls {
+            Some(tls) => {
+                let mut cfg = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+                if let Some((cert, key)) = &tls.identity {
+                    cfg = cfg.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                if let Some(domain) = &tls.domain {
+                    cfg = cfg.domain_name(domain.clone());
+                }
+                endpoint.tls_config(cfg).map_err(|e| invalid(format!("TLS settings: {}", error_chain(&e))))?
+            }
+            None => endpoint,
+        };
         Ok(endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)

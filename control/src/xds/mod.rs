@@ -29,9 +29,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 use xds_proto::core::Node;
@@ -54,6 +54,9 @@ pub enum XdsError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS settings are unusable.
+    #[error("xDS TLS settings: {0} (check the certificate, key and client CA files are PEM)")]
+    Tls(String),
 }
 
 /// What a request says about an earlier response.
@@ -215,12 +218,33 @@ pub struct ClientInfo {
 pub struct XdsConfig {
     /// How long a stream waits after a change before pushing, so a burst becomes one push.
     pub debounce: Duration,
+    /// Serve over TLS (rustls) instead of plain HTTP/2.
+    pub tls: Option<ServerTls>,
+    /// How many large pushes (over [`LARGE_PUSH`] bytes: initial snapshots) may be in flight at once. A
+    /// thousand proxies reconnecting after a control-plane restart would otherwise each hold a full copy of the
+    /// snapshot in flight, at once.
+    pub large_pushes: usize,
 }
+
+/// A push larger than this waits for one of [`XdsConfig::large_pushes`] permits.
+pub const LARGE_PUSH: usize = 1 << 20;
 
 impl Default for XdsConfig {
     fn default() -> Self {
-        XdsConfig { debounce: Duration::from_millis(20) }
+        XdsConfig { debounce: Duration::from_millis(20), tls: None, large_pushes: 4 }
     }
+}
+
+/// TLS for the xDS server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    /// PEM certificate chain of the server.
+    pub cert_pem: Vec<u8>,
+    /// PEM private key of the server.
+    pub key_pem: Vec<u8>,
+    /// PEM of the CA client certificates must chain to; when set, a client without a valid certificate is
+    /// refused during the handshake (the snapshot holds TLS keys, so who may read it matters).
+    pub client_ca_pem: Option<Vec<u8>>,
 }
 
 /// The ADS service.
@@ -231,12 +255,14 @@ pub struct XdsServer {
     metrics: XdsMetrics,
     clients: Arc<Mutex<BTreeMap<u64, ClientInfo>>>,
     next_id: Arc<AtomicU64>,
+    large: Arc<Semaphore>,
 }
 
 impl XdsServer {
     /// A server of the snapshots published on `snapshots`.
     pub fn new(snapshots: watch::Receiver<Option<Arc<Snapshot>>>, cfg: XdsConfig, metrics: XdsMetrics) -> Self {
-        XdsServer { snapshots, cfg, metrics, clients: Arc::default(), next_id: Arc::default() }
+        let large = Arc::new(Semaphore::new(cfg.large_pushes.max(1)));
+        XdsServer { snapshots, cfg, metrics, clients: Arc::default(), next_id: Arc::default(), large }
     }
 
     /// The connected clients, for `/debug/clients`.
@@ -252,11 +278,22 @@ impl XdsServer {
     ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), XdsError> {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| XdsError::Bind { addr, source })?;
         let bound = listener.local_addr().map_err(|source| XdsError::Bind { addr, source })?;
+        let tls_cfg = self.cfg.tls.clone();
         let svc = AggregatedDiscoveryServiceServer::new(self)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(256 << 20);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &tls_cfg {
+            let mut cfg = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            if let Some(ca) = &tls.client_ca_pem {
+                cfg = cfg.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+            }
+            builder = builder.tls_config(cfg).map_err(|e| XdsError::Tls(e.to_string()))?;
+        }
+        let tls = tls_cfg.is_some();
         let task = tokio::spawn(async move {
-            let result = tonic::transport::Server::builder()
+            let result = builder
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(svc)
@@ -266,7 +303,7 @@ impl XdsServer {
                 warn!("xDS server stopped: {e}");
             }
         });
-        info!(%bound, "xDS (ADS) serving");
+        info!(%bound, tls, "xDS (ADS) serving");
         Ok((bound, task))
     }
 
@@ -375,6 +412,7 @@ trait Machine: Send + 'static {
     fn on_request(&mut self, req: &Self::Req, snap: Option<&RoleSnapshot>) -> (Option<Ack>, Vec<Self::Resp>);
     fn on_snapshot(&mut self, snap: &RoleSnapshot) -> Vec<Self::Resp>;
     fn kind_of(resp: &Self::Resp) -> Option<ResourceType>;
+    fn size(resp: &Self::Resp) -> usize;
 }
 
 impl Machine for sotw::SotwStream {
@@ -392,6 +430,9 @@ impl Machine for sotw::SotwStream {
     }
     fn kind_of(resp: &Self::Resp) -> Option<ResourceType> {
         ResourceType::from_type_url(&resp.type_url)
+    }
+    fn size(resp: &Self::Resp) -> usize {
+        prost::Message::encoded_len(resp)
     }
 }
 
@@ -411,6 +452,9 @@ impl Machine for delta::DeltaStream {
     fn kind_of(resp: &Self::Resp) -> Option<ResourceType> {
         ResourceType::from_type_url(&resp.type_url)
     }
+    fn size(resp: &Self::Resp) -> usize {
+        prost::Message::encoded_len(resp)
+    }
 }
 
 impl XdsServer {
@@ -422,7 +466,7 @@ impl XdsServer {
     {
         let peer = request.remote_addr();
         let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel::<Result<M::Resp, Status>>(16);
+        let (tx, rx) = mpsc::channel::<Outgoing<M::Resp>>(2);
         let server = self.clone();
         let mut snapshots = self.snapshots.clone();
         tokio::spawn(async move {
@@ -431,14 +475,14 @@ impl XdsServer {
                 _ => return,
             };
             let Some(node) = M::node(&first).cloned() else {
-                let _ = tx.send(Err(Status::invalid_argument("the first request must carry node"))).await;
+                let _ = tx.send((Err(Status::invalid_argument("the first request must carry node")), None)).await;
                 return;
             };
             let role = match role_of(&node) {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(node = %node.id, "xDS client refused: {}", e.message());
-                    let _ = tx.send(Err(e)).await;
+                    let _ = tx.send((Err(e), None)).await;
                     return;
                 }
             };
@@ -449,11 +493,12 @@ impl XdsServer {
             let mut req = Some(first);
             loop {
                 if let Some(r) = req.take() {
+                    let permit = server.permit().await;
                     let (ack, out) = machine.on_request(&r, snap.as_ref());
                     if let Some(ack) = ack {
                         server.record(guard.id, &ack);
                     }
-                    if !server.send_all::<M>(&tx, out).await {
+                    if !server.send_all::<M>(&tx, out, permit).await {
                         return;
                     }
                 }
@@ -474,9 +519,10 @@ impl XdsServer {
                         let started = Instant::now();
                         let Some(latest) = current(&snapshots) else { continue };
                         snapshots.borrow_and_update();
+                        let permit = server.permit().await;
                         let out = machine.on_snapshot(&latest);
                         let pushed = !out.is_empty();
-                        if !server.send_all::<M>(&tx, out).await {
+                        if !server.send_all::<M>(&tx, out, permit).await {
                             return;
                         }
                         if pushed {
@@ -488,19 +534,61 @@ impl XdsServer {
                 }
             }
         });
-        Box::pin(ReceiverStream::new(rx))
+        Box::pin(PermitStream { rx, held: None })
     }
 
-    async fn send_all<M: Machine>(&self, tx: &mpsc::Sender<Result<M::Resp, Status>>, out: Vec<M::Resp>) -> bool {
-        for resp in out {
+    /// A permit to build a push; kept through the push only if it turns out large (see [`LARGE_PUSH`]).
+    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.large.clone().acquire_owned().await.ok()
+    }
+
+    async fn send_all<M: Machine>(
+        &self,
+        tx: &mpsc::Sender<Outgoing<M::Resp>>,
+        out: Vec<M::Resp>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> bool {
+        // A small push lets the permit go at once; a large one keeps it until its last response has been taken
+        // for encoding, which bounds how many full snapshots are in flight.
+        let large = out.iter().map(M::size).sum::<usize>() > LARGE_PUSH;
+        let mut permit = if large { permit } else { None };
+        let last = out.len().saturating_sub(1);
+        for (i, resp) in out.into_iter().enumerate() {
             if let Some(kind) = M::kind_of(&resp) {
                 self.metrics.pushes.get_or_create(&TypeLabels { r#type: kind.short().into() }).inc();
             }
-            if tx.send(Ok(resp)).await.is_err() {
+            let p = if i == last { permit.take() } else { None };
+            if tx.send((Ok(resp), p)).await.is_err() {
                 return false;
             }
         }
         true
+    }
+}
+
+/// A response on its way to tonic, with the large-push permit its push holds (on the last response only).
+type Outgoing<T> = (Result<T, Status>, Option<OwnedSemaphorePermit>);
+
+/// The response stream tonic encodes from. It drops a push's permit when tonic asks for the next response,
+/// that is, once the last response of the push has been encoded and handed to the connection.
+struct PermitStream<T> {
+    rx: mpsc::Receiver<Outgoing<T>>,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl<T> Stream for PermitStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        self.held = None;
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(Some((item, permit))) => {
+                self.held = permit;
+                std::task::Poll::Ready(Some(item))
+            }
+            std::task::Poll::Ready(None) => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     }
 }
 

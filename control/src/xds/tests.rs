@@ -253,7 +253,11 @@ fn node(role: Option<&str>) -> Node {
 
 async fn start(snap: Option<Snapshot>) -> (SocketAddr, watch::Sender<Option<Arc<Snapshot>>>, XdsServer, Shutdown) {
     let (tx, rx) = watch::channel(snap.map(Arc::new));
-    let server = XdsServer::new(rx, XdsConfig { debounce: Duration::from_millis(1) }, XdsMetrics::default());
+    let server = XdsServer::new(
+        rx,
+        XdsConfig { debounce: Duration::from_millis(1), ..XdsConfig::default() },
+        XdsMetrics::default(),
+    );
     let shutdown = Shutdown::new();
     let (addr, _) = server.clone().serve("127.0.0.1:0".parse().unwrap(), shutdown.clone()).await.unwrap();
     (addr, tx, server, shutdown)
@@ -271,7 +275,11 @@ async fn grpc_delta_waits_for_load_serves_the_role_and_counts_nacks() {
     let mut first = delta_req(Cluster, &["*"], "");
     first.node = Some(node(Some("proxy")));
     req_tx.send(first).await.unwrap();
-    let mut resp = client.delta_aggregated_resources(ReceiverStream::new(req_rx)).await.unwrap().into_inner();
+    let mut resp = client
+        .delta_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+        .await
+        .unwrap()
+        .into_inner();
     // Not loaded yet: nothing comes. Then the first snapshot arrives and is served.
     assert!(tokio::time::timeout(Duration::from_millis(200), resp.message()).await.is_err());
     tx.send_replace(Some(Arc::new(translate(&store(&svc("a", "10.96.0.1", "10.0.0.1")), &Options::default()))));
