@@ -78,7 +78,7 @@ fn node(id: usize) -> xds_proto::core::Node {
 /// What the simulated clients saw.
 #[derive(Default)]
 struct Seen {
-    /// Clients that have received the first response of every type.
+    /// Clients that have received the whole initial snapshot.
     loaded: AtomicUsize,
     /// Bytes received by all clients since the counter was reset.
     bytes: AtomicU64,
@@ -114,7 +114,10 @@ async fn client(
         .await
         .expect("stream")
         .into_inner();
-    let mut first = [false; 3];
+    // Loaded once every resource has arrived (an initial snapshot comes in several pieces).
+    let expect: usize = env("MESH_SCALE_EXPECT", usize::MAX);
+    let mut received = 0usize;
+    let mut loaded = false;
     let mut reported = false;
     while let Ok(Some(r)) = stream.message().await {
         seen.bytes.fetch_add(r.encoded_len() as u64, Ordering::Relaxed);
@@ -123,13 +126,10 @@ async fn client(
             response_nonce: r.nonce.clone(),
             ..Default::default()
         });
-        if let Some(i) = TYPES.iter().position(|t| t.type_url() == r.type_url)
-            && !first[i]
-        {
-            first[i] = true;
-            if first.iter().all(|f| *f) {
-                seen.loaded.fetch_add(1, Ordering::Relaxed);
-            }
+        received += r.resources.len();
+        if !loaded && received >= expect {
+            loaded = true;
+            seen.loaded.fetch_add(1, Ordering::Relaxed);
         }
         let want = marker.borrow_and_update().clone();
         if let Some((name, version)) = want
@@ -146,11 +146,46 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+fn unix_nanos() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// The simulated proxies run in a child process (this same program), so the control plane's memory is measured
+/// alone. Protocol on stdio: the child prints `loaded` once every client has the initial snapshot; the parent
+/// writes `mark NAME VERSION`; the child prints `got UNIX_NANOS` for each client that sees it, then `bytes N` for
+/// all the bytes received since `mark`.
+async fn clients_process(endpoint: String, clients: usize) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let seen = Arc::new(Seen::default());
+    let (marker_tx, marker_rx) = watch::channel(None);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    for id in 0..clients {
+        tokio::spawn(client(id, endpoint.clone(), seen.clone(), marker_rx.clone(), done_tx.clone()));
+    }
+    while seen.loaded.load(Ordering::Relaxed) < clients {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!("loaded {}", seen.bytes.swap(0, Ordering::Relaxed));
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let line = lines.next_line().await.unwrap().unwrap_or_default();
+    let mut parts = line.split_whitespace().skip(1);
+    let (name, version) = (parts.next().unwrap_or_default().to_owned(), parts.next().unwrap_or_default().to_owned());
+    marker_tx.send_replace(Some((name, version)));
+    for _ in 0..clients {
+        let _t: Instant = done_rx.recv().await.unwrap();
+        println!("got {}", unix_nanos());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!("bytes {}", seen.bytes.load(Ordering::Relaxed));
+}
+
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes `--bench`; nothing to parse.
-    let services = env("MESH_SCALE_SERVICES", 10_000);
     let clients = env("MESH_SCALE_CLIENTS", 1_000);
+    if let Ok(endpoint) = std::env::var("MESH_SCALE_CLIENT_ENDPOINT") {
+        return clients_process(endpoint, clients).await;
+    }
+    let services = env("MESH_SCALE_SERVICES", 10_000);
     let rss_start = rss_mib();
 
     let mut store = Store::new();
@@ -169,56 +204,62 @@ async fn main() {
     let server = XdsServer::new(rx, XdsConfig::default(), XdsMetrics::default());
     let shutdown = Shutdown::new();
     let (addr, _) = server.clone().serve("127.0.0.1:0".parse().unwrap(), shutdown.clone()).await.unwrap();
-    let endpoint = format!("http://{addr}");
 
-    let seen = Arc::new(Seen::default());
-    let (marker_tx, marker_rx) = watch::channel(None);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .env("MESH_SCALE_CLIENT_ENDPOINT", format!("http://{addr}"))
+        .env("MESH_SCALE_CLIENTS", clients.to_string())
+        .env("MESH_SCALE_EXPECT", (services * 6).to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the clients process");
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let started = Instant::now();
-    for id in 0..clients {
-        tokio::spawn(client(id, endpoint.clone(), seen.clone(), marker_rx.clone(), done_tx.clone()));
-    }
-    while seen.loaded.load(Ordering::Relaxed) < clients {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(started.elapsed() < Duration::from_secs(1800), "clients did not load within 30 min");
-    }
+    let mut peak_rss = rss_mib();
+    let initial_bytes: u64 = loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let line = line.unwrap().expect("clients process ended early");
+                if let Some(b) = line.strip_prefix("loaded ") { break b.parse().unwrap(); }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => peak_rss = peak_rss.max(rss_mib()),
+        }
+    };
     let initial = started.elapsed();
-    let initial_bytes = seen.bytes.swap(0, Ordering::Relaxed);
     let rss_connected = rss_mib();
 
     // One EndpointSlice changes (one endpoint moves); every client must get the new ClusterLoadAssignment.
-    let t0 = Instant::now();
+    let t0 = unix_nanos();
+    let t0_instant = Instant::now();
     let changes = store.apply(obj(slice(0, 0, 1)));
     let next = translator.update(&store, &changes).clone();
     let cla = "ns-0/svc-0/http".to_owned();
     let version = next.proxy.get(ResourceType::ClusterLoadAssignment)[&cla].version.clone();
-    let translate_time = t0.elapsed();
-    marker_tx.send_replace(Some((cla, version)));
+    let translate_time = t0_instant.elapsed();
+    stdin.write_all(format!("mark {cla} {version}\n").as_bytes()).await.unwrap();
+    stdin.flush().await.unwrap();
     tx.send_replace(Some(Arc::new(next)));
     let mut times = Vec::with_capacity(clients);
-    while times.len() < clients {
-        let t = tokio::time::timeout(Duration::from_secs(60), done_rx.recv()).await.expect("all clients within 60 s");
-        times.push(t.expect("clients alive").duration_since(t0));
-    }
-    // Let the ACKs settle, then count what the change cost.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let change_bytes = seen.bytes.load(Ordering::Relaxed);
+    let change_bytes: u64 = loop {
+        let line = lines.next_line().await.unwrap().expect("clients process ended early");
+        if let Some(t) = line.strip_prefix("got ") {
+            times.push(Duration::from_nanos((t.parse::<u128>().unwrap().saturating_sub(t0)) as u64));
+        } else if let Some(b) = line.strip_prefix("bytes ") {
+            break b.parse().unwrap();
+        }
+    };
     times.sort();
+    assert_eq!(times.len(), clients);
 
+    println!("xDS scale: {services} Services ({} ports), {} endpoints, {clients} Delta clients (role proxy)", services * 2, services * 10);
+    println!("  snapshot (proxy role): {} resources, {:.1} MiB encoded", services * 6, snapshot_bytes as f64 / 1048576.0);
     println!(
-        "xDS scale: {services} Services ({} ports), {} endpoints, {clients} Delta clients (role proxy)",
-        services * 2,
-        services * 10
+        "  control plane RSS: start {rss_start:.0} MiB, cluster loaded + translated {rss_loaded:.0} MiB, \
+         peak while {clients} clients load {peak_rss:.0} MiB, all connected {rss_connected:.0} MiB"
     );
-    println!(
-        "  snapshot (proxy role): {} resources, {:.1} MiB encoded",
-        services * 6,
-        snapshot_bytes as f64 / 1048576.0
-    );
-    println!(
-        "  RSS: start {rss_start:.0} MiB, cluster loaded + translated {rss_loaded:.0} MiB, {clients} clients connected {rss_connected:.0} MiB"
-    );
-    println!("  (the simulated clients run in this process too; they keep no resources)");
     println!(
         "  initial snapshot to all clients: {:.2} s ({:.1} MiB per client, {:.2} GiB total)",
         initial.as_secs_f64(),
@@ -233,5 +274,6 @@ async fn main() {
         times.last().unwrap().as_secs_f64() * 1e3
     );
     println!("  bytes per client for the change: {:.0} B", change_bytes as f64 / clients as f64);
+    drop(stdin);
     shutdown.trigger();
 }

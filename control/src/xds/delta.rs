@@ -21,6 +21,9 @@ use xds_proto::types::ResourceType;
 use super::{Ack, Pass, passes};
 use crate::translate::{Resource, Resources, RoleSnapshot};
 
+/// About how many bytes of resources one response carries.
+pub const CHUNK: usize = 1 << 20;
+
 #[derive(Debug, Default)]
 struct TypeState {
     /// Whether the client asked for every resource of the type (`*`, or the legacy empty first request for
@@ -129,8 +132,8 @@ impl DeltaStream {
         out
     }
 
-    fn respond(&mut self, kind: ResourceType, snap: &RoleSnapshot, pass: Pass) -> Option<DeltaDiscoveryResponse> {
-        let st = self.types.get_mut(&kind)?;
+    fn respond(&mut self, kind: ResourceType, snap: &RoleSnapshot, pass: Pass) -> Vec<DeltaDiscoveryResponse> {
+        let Some(st) = self.types.get_mut(&kind) else { return Vec::new() };
         let current = snap.get(kind);
         let mut send: Vec<Arc<Resource>> = Vec::new();
         let mut removed: Vec<String> = Vec::new();
@@ -179,7 +182,7 @@ impl DeltaStream {
             }
         }
         if send.is_empty() && removed.is_empty() && absent.is_empty() && st.answered {
-            return None;
+            return Vec::new();
         }
         st.answered = true;
         // Record what the client now holds; for a wildcard client brought fully up to date that is the
@@ -208,26 +211,45 @@ impl DeltaStream {
             }
         }
         removed.extend(absent);
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        self.in_flight.insert(nonce.clone(), kind);
-        let resources = send
-            .into_iter()
-            .map(|r| WireResource {
-                name: r.name.clone(),
-                version: r.version.clone(),
-                resource: Some(Any { type_url: kind.type_url().to_owned(), value: r.body.to_vec() }),
+        // Large sets (an initial snapshot) go out in pieces of about CHUNK bytes: Delta allows any number of
+        // responses per type, and it keeps every encode buffer (tonic keeps one per stream, as large as the
+        // largest message) and every client's decode buffer small.
+        let version = snap.type_version(kind);
+        let mut out = Vec::new();
+        let mut removed = Some(removed);
+        let mut chunk: Vec<WireResource> = Vec::new();
+        let mut size = 0;
+        let mut rest = send.into_iter().peekable();
+        loop {
+            if let Some(r) = rest.next() {
+                size += r.body.len() + r.name.len();
+                chunk.push(WireResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(Any { type_url: kind.type_url().to_owned(), value: r.body.to_vec() }),
+                    ..Default::default()
+                });
+                if size < CHUNK && rest.peek().is_some() {
+                    continue;
+                }
+            }
+            self.nonce += 1;
+            let nonce = self.nonce.to_string();
+            self.in_flight.insert(nonce.clone(), kind);
+            out.push(DeltaDiscoveryResponse {
+                system_version_info: version.clone(),
+                resources: std::mem::take(&mut chunk),
+                type_url: kind.type_url().to_owned(),
+                removed_resources: removed.take().unwrap_or_default(),
+                nonce,
                 ..Default::default()
-            })
-            .collect();
-        Some(DeltaDiscoveryResponse {
-            system_version_info: snap.type_version(kind),
-            resources,
-            type_url: kind.type_url().to_owned(),
-            removed_resources: removed,
-            nonce,
-            ..Default::default()
-        })
+            });
+            size = 0;
+            if rest.peek().is_none() {
+                break;
+            }
+        }
+        out
     }
 
     /// What the client holds of a type (for `/debug/clients`).

@@ -341,3 +341,31 @@ async fn grpc_sotw_ingress_role_gets_its_class_only() {
     assert_eq!(listeners, ["ingress/http"], "the ingress role gets the ingress listeners, not Service addresses");
     shutdown.trigger();
 }
+
+#[test]
+fn delta_large_sets_go_out_in_chunks() {
+    // 120 Services × 1,000 endpoints: several chunks of ClusterLoadAssignments.
+    let mut objs = Vec::new();
+    for i in 0..120 {
+        let mut v = svc(&format!("s{i}"), &format!("10.96.1.{i}"), "10.0.0.1");
+        let eps: Vec<Value> = (0..1000).map(|e| json!({"addresses": [format!("10.1.{}.{}", e / 250, e % 250)], "nodeName": "some-node-name"})).collect();
+        v[1]["endpoints"] = json!(eps);
+        objs.extend(v);
+    }
+    let snap = proxy_snap(&objs);
+    let mut s = DeltaStream::new();
+    let (_, out) = s.on_request(&delta_req(ClusterLoadAssignment, &["*"], ""), Some(&snap));
+    assert!(out.len() >= 2, "{} responses", out.len());
+    let total: usize = out.iter().map(|r| r.resources.len()).sum();
+    assert_eq!(total, 120);
+    let nonces: std::collections::BTreeSet<&str> = out.iter().map(|r| r.nonce.as_str()).collect();
+    assert_eq!(nonces.len(), out.len(), "each piece has its own nonce");
+    for r in &out {
+        assert!(prost::Message::encoded_len(r) < 2 * super::delta::CHUNK);
+    }
+    // Every piece's ACK is recognised.
+    for r in &out {
+        let (ack, _) = s.on_request(&delta_req(ClusterLoadAssignment, &[], &r.nonce), Some(&snap));
+        assert!(matches!(ack, Some(Ack::Ack { .. })));
+    }
+}
