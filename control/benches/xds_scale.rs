@@ -82,6 +82,8 @@ struct Seen {
     loaded: AtomicUsize,
     /// Bytes received by all clients since the counter was reset.
     bytes: AtomicU64,
+    /// Streams that failed and were opened again.
+    reconnects: AtomicUsize,
 }
 
 const TYPES: [ResourceType; 3] = [ResourceType::Cluster, ResourceType::ClusterLoadAssignment, ResourceType::Listener];
@@ -95,49 +97,66 @@ async fn client(
     mut marker: watch::Receiver<Option<(String, String)>>,
     done: mpsc::UnboundedSender<Instant>,
 ) {
-    let mut c = AggregatedDiscoveryServiceClient::connect(endpoint)
-        .await
-        .expect("connect")
-        .max_decoding_message_size(usize::MAX);
-    let (tx, rx) = mpsc::unbounded_channel();
-    for (i, t) in TYPES.iter().enumerate() {
-        tx.send(DeltaDiscoveryRequest {
-            node: (i == 0).then(|| node(id)),
-            type_url: t.type_url().into(),
-            resource_names_subscribe: vec!["*".into()],
-            ..Default::default()
-        })
-        .unwrap();
-    }
-    let mut stream = c
-        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
     // Loaded once every resource has arrived (an initial snapshot comes in several pieces).
     let expect: usize = env("MESH_SCALE_EXPECT", usize::MAX);
-    let mut received = 0usize;
     let mut loaded = false;
     let mut reported = false;
-    while let Ok(Some(r)) = stream.message().await {
-        seen.bytes.fetch_add(r.encoded_len() as u64, Ordering::Relaxed);
-        let _ = tx.send(DeltaDiscoveryRequest {
-            type_url: r.type_url.clone(),
-            response_nonce: r.nonce.clone(),
-            ..Default::default()
-        });
-        received += r.resources.len();
-        if !loaded && received >= expect {
-            loaded = true;
-            seen.loaded.fetch_add(1, Ordering::Relaxed);
-        }
-        let want = marker.borrow_and_update().clone();
-        if let Some((name, version)) = want
-            && !reported
-            && r.resources.iter().any(|x| x.name == name && x.version == version)
-        {
-            reported = true;
-            let _ = done.send(Instant::now());
+    // Like a real proxy, a client whose stream fails reconnects (after a pause) and starts over.
+    loop {
+        let attempt = async {
+            let mut c = AggregatedDiscoveryServiceClient::connect(endpoint.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .max_decoding_message_size(usize::MAX);
+            let (tx, rx) = mpsc::unbounded_channel();
+            for (i, t) in TYPES.iter().enumerate() {
+                let _ = tx.send(DeltaDiscoveryRequest {
+                    node: (i == 0).then(|| node(id)),
+                    type_url: t.type_url().into(),
+                    resource_names_subscribe: vec!["*".into()],
+                    ..Default::default()
+                });
+            }
+            let mut stream = c
+                .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+                .await
+                .map_err(|e| e.to_string())?
+                .into_inner();
+            let mut received = 0usize;
+            loop {
+                let r = match stream.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Err("stream ended".to_owned()),
+                    Err(e) => return Err(e.to_string()),
+                };
+                seen.bytes.fetch_add(r.encoded_len() as u64, Ordering::Relaxed);
+                let _ = tx.send(DeltaDiscoveryRequest {
+                    type_url: r.type_url.clone(),
+                    response_nonce: r.nonce.clone(),
+                    ..Default::default()
+                });
+                received += r.resources.len();
+                if !loaded && received >= expect {
+                    loaded = true;
+                    seen.loaded.fetch_add(1, Ordering::Relaxed);
+                }
+                let want = marker.borrow_and_update().clone();
+                if let Some((name, version)) = want
+                    && !reported
+                    && r.resources.iter().any(|x| x.name == name && x.version == version)
+                {
+                    reported = true;
+                    let _ = done.send(Instant::now());
+                }
+            }
+        };
+        let result: Result<(), String> = attempt.await;
+        if let Err(e) = result {
+            seen.reconnects.fetch_add(1, Ordering::Relaxed);
+            if seen.reconnects.load(Ordering::Relaxed) <= 3 {
+                eprintln!("client {id}: {e}; reconnecting");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 }
@@ -165,7 +184,7 @@ async fn clients_process(endpoint: String, clients: usize) {
     while seen.loaded.load(Ordering::Relaxed) < clients {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("loaded {}", seen.bytes.swap(0, Ordering::Relaxed));
+    println!("loaded {} {}", seen.bytes.swap(0, Ordering::Relaxed), seen.reconnects.load(Ordering::Relaxed));
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let line = lines.next_line().await.unwrap().unwrap_or_default();
     let mut parts = line.split_whitespace().skip(1);
@@ -219,11 +238,14 @@ async fn main() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let started = Instant::now();
     let mut peak_rss = rss_mib();
-    let initial_bytes: u64 = loop {
+    let (initial_bytes, reconnects): (u64, u64) = loop {
         tokio::select! {
             line = lines.next_line() => {
                 let line = line.unwrap().expect("clients process ended early");
-                if let Some(b) = line.strip_prefix("loaded ") { break b.parse().unwrap(); }
+                if let Some(rest) = line.strip_prefix("loaded ") {
+                    let v: Vec<u64> = rest.split_whitespace().map(|x| x.parse().unwrap()).collect();
+                    break (v[0], v[1]);
+                }
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => peak_rss = peak_rss.max(rss_mib()),
         }
@@ -254,8 +276,16 @@ async fn main() {
     times.sort();
     assert_eq!(times.len(), clients);
 
-    println!("xDS scale: {services} Services ({} ports), {} endpoints, {clients} Delta clients (role proxy)", services * 2, services * 10);
-    println!("  snapshot (proxy role): {} resources, {:.1} MiB encoded", services * 6, snapshot_bytes as f64 / 1048576.0);
+    println!(
+        "xDS scale: {services} Services ({} ports), {} endpoints, {clients} Delta clients (role proxy)",
+        services * 2,
+        services * 10
+    );
+    println!(
+        "  snapshot (proxy role): {} resources, {:.1} MiB encoded",
+        services * 6,
+        snapshot_bytes as f64 / 1048576.0
+    );
     println!(
         "  control plane RSS: start {rss_start:.0} MiB, cluster loaded + translated {rss_loaded:.0} MiB, \
          peak while {clients} clients load {peak_rss:.0} MiB, all connected {rss_connected:.0} MiB"
@@ -266,6 +296,7 @@ async fn main() {
         initial_bytes as f64 / clients as f64 / 1048576.0,
         initial_bytes as f64 / 1073741824.0
     );
+    println!("  streams that failed under the load and reconnected: {reconnects}");
     println!("  one EndpointSlice change: translate {:.3} ms", translate_time.as_secs_f64() * 1e3);
     println!(
         "  change → all clients: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",

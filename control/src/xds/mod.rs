@@ -295,7 +295,7 @@ impl XdsServer {
         let task = tokio::spawn(async move {
             let result = builder
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(svc)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.wait().await })
                 .await;
