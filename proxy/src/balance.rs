@@ -1,0 +1,318 @@
+//! Which endpoint a new connection (or UDP flow) goes to, following Kubernetes semantics:
+//!
+//! 1. Traffic policy `Local` keeps only this node's endpoints.
+//! 2. Ready endpoints; only if none is ready, terminating-but-serving ones (KEP-1669); never not-ready ones.
+//! 3. Topology: with `trafficDistribution: PreferClose`, or when every candidate carries zone hints, prefer the
+//!    endpoints meant for this node's zone (hints) or in it (no hints), if there are any.
+//! 4. Endpoints ejected after repeated connect failures are skipped, unless that would leave nothing.
+//! 5. `sessionAffinity: ClientIP` returns a client to its endpoint while it stays a candidate and the timeout has
+//!    not passed since its last use.
+//! 6. Otherwise least-connections by the power of two random choices (or round-robin, if configured).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::table::{Cluster, Endpoint, EndpointStats, Health, now_ms};
+
+/// How to pick among equal candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algorithm {
+    /// Least open connections of two random candidates: near-optimal spread, O(1), no shared counter to fight
+    /// over.
+    #[default]
+    LeastConnections,
+    /// In turn.
+    RoundRobin,
+}
+
+/// Connect failures in a row that eject an endpoint.
+pub const EJECT_AFTER_FAILURES: u32 = 3;
+/// How long an ejection lasts.
+pub const EJECT_FOR: Duration = Duration::from_secs(10);
+
+/// Who the proxy is, for Local policies and topology.
+#[derive(Debug, Clone, Default)]
+pub struct Locality {
+    /// This node's name.
+    pub node: String,
+    /// This node's zone, if known.
+    pub zone: Option<String>,
+}
+
+/// The endpoints a connection may go to, best tier only (see the module docs, steps 1–4).
+pub fn candidates<'a>(cluster: &'a Cluster, local_only: bool, here: &Locality) -> Vec<&'a Endpoint> {
+    let eligible = |e: &&Endpoint| !local_only || e.node == here.node;
+    let mut tier: Vec<&Endpoint> =
+        cluster.endpoints.iter().filter(eligible).filter(|e| e.health == Health::Ready).collect();
+    if tier.is_empty() {
+        tier = cluster.endpoints.iter().filter(eligible).filter(|e| e.health == Health::Terminating).collect();
+    }
+    if let Some(zone) = &here.zone {
+        let hinted = !tier.is_empty() && tier.iter().all(|e| !e.for_zones.is_empty());
+        if hinted || cluster.prefer_close {
+            let close: Vec<&Endpoint> = if hinted {
+                tier.iter().copied().filter(|e| e.for_zones.iter().any(|z| z == zone)).collect()
+            } else {
+                tier.iter().copied().filter(|e| &e.zone == zone).collect()
+            };
+            if !close.is_empty() {
+                tier = close;
+            }
+        }
+    }
+    let now = now_ms();
+    if tier.iter().any(|e| !e.stats.ejected(now)) {
+        tier.retain(|e| !e.stats.ejected(now));
+    }
+    tier
+}
+
+/// Picks an endpoint for a client among `candidates`, skipping those in `tried` (a retry after a failed
+/// connect). Records session affinity.
+pub fn choose<'a>(
+    cluster: &Cluster,
+    candidates: &[&'a Endpoint],
+    client: IpAddr,
+    tried: &[SocketAddr],
+    algorithm: Algorithm,
+) -> Option<&'a Endpoint> {
+    let open: Vec<&'a Endpoint> = candidates.iter().copied().filter(|e| !tried.contains(&e.addr)).collect();
+    if open.is_empty() {
+        return None;
+    }
+    if let Some(timeout) = cluster.affinity {
+        let now = Instant::now();
+        let mut map = cluster.affinity_map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((addr, last)) = map.get(&client).copied()
+            && now.duration_since(last) < timeout
+            && let Some(e) = open.iter().find(|e| e.addr == addr)
+        {
+            map.insert(client, (addr, now));
+            return Some(e);
+        }
+        let e = pick(cluster, &open, algorithm);
+        map.insert(client, (e.addr, now));
+        if map.len() > 4096 && map.len().is_power_of_two() {
+            // Forget clients idle past the timeout, now and then, so the map does not grow without bound.
+            map.retain(|_, (_, last)| now.duration_since(*last) < timeout);
+        }
+        return Some(e);
+    }
+    Some(pick(cluster, &open, algorithm))
+}
+
+fn pick<'a>(cluster: &Cluster, open: &[&'a Endpoint], algorithm: Algorithm) -> &'a Endpoint {
+    if open.len() == 1 {
+        return open[0];
+    }
+    match algorithm {
+        Algorithm::RoundRobin => {
+            let i = cluster.rr.fetch_add(1, Ordering::Relaxed) as usize;
+            open[i % open.len()]
+        }
+        Algorithm::LeastConnections => {
+            let a = fastrand::usize(..open.len());
+            let mut b = fastrand::usize(..open.len() - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (ea, eb) = (open[a], open[b]);
+            if eb.stats.active.load(Ordering::Relaxed) < ea.stats.active.load(Ordering::Relaxed) { eb } else { ea }
+        }
+    }
+}
+
+/// Counts a connection (or flow) on an endpoint while it lives.
+#[derive(Debug)]
+pub struct Active(Arc<EndpointStats>);
+
+impl Active {
+    /// Starts counting.
+    pub fn new(stats: &Arc<EndpointStats>) -> Self {
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        Active(stats.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Records a failed connect; returns true when this failure ejected the endpoint.
+pub fn failed(stats: &EndpointStats) -> bool {
+    let n = stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
+    if n >= EJECT_AFTER_FAILURES {
+        stats.failures.store(0, Ordering::Relaxed);
+        stats.ejected_until_ms.store(now_ms() + EJECT_FOR.as_millis() as u64, Ordering::Relaxed);
+        return true;
+    }
+    false
+}
+
+/// Records a successful connect.
+pub fn succeeded(stats: &EndpointStats) {
+    if stats.failures.load(Ordering::Relaxed) != 0 {
+        stats.failures.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::Endpoint;
+
+    fn ep(addr: &str, health: Health, node: &str, zone: &str, hints: &[&str]) -> Endpoint {
+        Endpoint {
+            addr: addr.parse().unwrap(),
+            health,
+            node: node.into(),
+            zone: zone.into(),
+            for_zones: hints.iter().map(|s| s.to_string()).collect(),
+            stats: Arc::default(),
+        }
+    }
+
+    fn cluster(eps: Vec<Endpoint>) -> Cluster {
+        Cluster {
+            name: "ns/s/80".into(),
+            affinity: None,
+            prefer_close: false,
+            endpoints: eps.into(),
+            affinity_map: Arc::default(),
+            rr: Arc::default(),
+        }
+    }
+
+    fn addrs(v: &[&Endpoint]) -> Vec<String> {
+        v.iter().map(|e| e.addr.to_string()).collect()
+    }
+
+    fn here(node: &str, zone: Option<&str>) -> Locality {
+        Locality { node: node.into(), zone: zone.map(Into::into) }
+    }
+
+    #[test]
+    fn ready_first_then_terminating_never_not_ready() {
+        let c = cluster(vec![
+            ep("10.0.0.1:80", Health::Ready, "n1", "", &[]),
+            ep("10.0.0.2:80", Health::Terminating, "n1", "", &[]),
+            ep("10.0.0.3:80", Health::NotReady, "n1", "", &[]),
+        ]);
+        assert_eq!(addrs(&candidates(&c, false, &here("n1", None))), ["10.0.0.1:80"]);
+        let c = cluster(vec![
+            ep("10.0.0.2:80", Health::Terminating, "n1", "", &[]),
+            ep("10.0.0.3:80", Health::NotReady, "n1", "", &[]),
+        ]);
+        assert_eq!(addrs(&candidates(&c, false, &here("n1", None))), ["10.0.0.2:80"]);
+        let c = cluster(vec![ep("10.0.0.3:80", Health::NotReady, "n1", "", &[])]);
+        assert!(candidates(&c, false, &here("n1", None)).is_empty());
+    }
+
+    #[test]
+    fn local_policy_keeps_this_nodes_endpoints_only() {
+        let c = cluster(vec![
+            ep("10.0.0.1:80", Health::Ready, "n1", "", &[]),
+            ep("10.0.0.2:80", Health::Ready, "n2", "", &[]),
+        ]);
+        assert_eq!(addrs(&candidates(&c, true, &here("n2", None))), ["10.0.0.2:80"]);
+        assert!(candidates(&c, true, &here("n3", None)).is_empty(), "Local with no local endpoint: nothing");
+        assert_eq!(candidates(&c, false, &here("n3", None)).len(), 2);
+    }
+
+    #[test]
+    fn topology_hints_and_prefer_close() {
+        let hinted = cluster(vec![
+            ep("10.0.0.1:80", Health::Ready, "n1", "a", &["a"]),
+            ep("10.0.0.2:80", Health::Ready, "n2", "b", &["b"]),
+        ]);
+        assert_eq!(addrs(&candidates(&hinted, false, &here("n9", Some("b")))), ["10.0.0.2:80"]);
+        // A zone no endpoint is meant for falls back to all.
+        assert_eq!(candidates(&hinted, false, &here("n9", Some("c"))).len(), 2);
+        // Hints only count when every endpoint has them.
+        let partial = cluster(vec![
+            ep("10.0.0.1:80", Health::Ready, "n1", "a", &["a"]),
+            ep("10.0.0.2:80", Health::Ready, "n2", "b", &[]),
+        ]);
+        assert_eq!(candidates(&partial, false, &here("n9", Some("a"))).len(), 2);
+        let mut close = cluster(vec![
+            ep("10.0.0.1:80", Health::Ready, "n1", "a", &[]),
+            ep("10.0.0.2:80", Health::Ready, "n2", "b", &[]),
+        ]);
+        close.prefer_close = true;
+        assert_eq!(addrs(&candidates(&close, false, &here("n9", Some("a")))), ["10.0.0.1:80"]);
+    }
+
+    #[test]
+    fn ejection_skips_failing_endpoints_unless_all_fail() {
+        let c = cluster(vec![
+            ep("10.0.0.1:80", Health::Ready, "n1", "", &[]),
+            ep("10.0.0.2:80", Health::Ready, "n1", "", &[]),
+        ]);
+        let e1 = &c.endpoints[0];
+        assert!(!failed(&e1.stats) && !failed(&e1.stats));
+        assert!(failed(&e1.stats), "the third failure in a row ejects");
+        assert_eq!(addrs(&candidates(&c, false, &here("n1", None))), ["10.0.0.2:80"]);
+        for _ in 0..EJECT_AFTER_FAILURES {
+            failed(&c.endpoints[1].stats);
+        }
+        assert_eq!(candidates(&c, false, &here("n1", None)).len(), 2, "all ejected: try them all rather than none");
+    }
+
+    #[test]
+    fn least_connections_prefers_the_idle_endpoint() {
+        let c = cluster(vec![
+            ep("10.0.0.1:80", Health::Ready, "n1", "", &[]),
+            ep("10.0.0.2:80", Health::Ready, "n1", "", &[]),
+        ]);
+        let _busy: Vec<Active> = (0..5).map(|_| Active::new(&c.endpoints[0].stats)).collect();
+        let cands = candidates(&c, false, &here("n1", None));
+        for _ in 0..50 {
+            let e = choose(&c, &cands, "10.1.0.1".parse().unwrap(), &[], Algorithm::LeastConnections).unwrap();
+            assert_eq!(e.addr.to_string(), "10.0.0.2:80");
+        }
+    }
+
+    #[test]
+    fn round_robin_and_retry_exclusion() {
+        let c = cluster(vec![
+            ep("10.0.0.1:80", Health::Ready, "n1", "", &[]),
+            ep("10.0.0.2:80", Health::Ready, "n1", "", &[]),
+        ]);
+        let cands = candidates(&c, false, &here("n1", None));
+        let ip: IpAddr = "10.1.0.1".parse().unwrap();
+        let picks: Vec<String> =
+            (0..4).map(|_| choose(&c, &cands, ip, &[], Algorithm::RoundRobin).unwrap().addr.to_string()).collect();
+        assert_eq!(picks, ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.1:80", "10.0.0.2:80"]);
+        let tried = [c.endpoints[0].addr];
+        for _ in 0..10 {
+            assert_eq!(choose(&c, &cands, ip, &tried, Algorithm::LeastConnections).unwrap().addr, c.endpoints[1].addr);
+        }
+        assert!(choose(&c, &cands, ip, &[c.endpoints[0].addr, c.endpoints[1].addr], Algorithm::RoundRobin).is_none());
+    }
+
+    #[test]
+    fn session_affinity_sticks_until_timeout_or_endpoint_gone() {
+        let mut c = cluster((1..=8).map(|i| ep(&format!("10.0.0.{i}:80"), Health::Ready, "n1", "", &[])).collect());
+        c.affinity = Some(Duration::from_millis(50));
+        let cands = candidates(&c, false, &here("n1", None));
+        let ip: IpAddr = "10.1.0.7".parse().unwrap();
+        let first = choose(&c, &cands, ip, &[], Algorithm::RoundRobin).unwrap().addr;
+        for _ in 0..20 {
+            assert_eq!(choose(&c, &cands, ip, &[], Algorithm::RoundRobin).unwrap().addr, first);
+        }
+        // The endpoint goes away: the client moves, and then sticks to the new one.
+        let without: Vec<&Endpoint> = cands.iter().copied().filter(|e| e.addr != first).collect();
+        let second = choose(&c, &without, ip, &[], Algorithm::RoundRobin).unwrap().addr;
+        assert_ne!(second, first);
+        assert_eq!(choose(&c, &cands, ip, &[], Algorithm::RoundRobin).unwrap().addr, second);
+        // Idle past the timeout: balanced again, so round-robin decides (here: moves it on).
+        c.affinity_map.lock().unwrap().get_mut(&ip).unwrap().1 -= Duration::from_millis(60);
+        c.rr.store(0, Ordering::Relaxed);
+        assert_eq!(choose(&c, &cands, ip, &[], Algorithm::RoundRobin).unwrap().addr, cands[0].addr);
+        assert_ne!(cands[0].addr, second);
+    }
+}

@@ -1,0 +1,435 @@
+//! The proxy's routing table: xDS resources converted, at the edge, into what the data path reads.
+//!
+//! Conversion happens when a resource arrives, never per connection. A resource that cannot be used is
+//! rejected with an error naming it (the xDS client NACKs, and the previous table stays in force). A new table is
+//! built from the previous one plus the change: untouched Services keep their `Arc`s, and endpoint state that
+//! must outlive a config change (open connection counts, failures, ejections, session affinity) is carried over
+//! by endpoint address.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use xds_proto::cluster::{Cluster as XdsCluster, cluster::LbPolicy};
+use xds_proto::core::{HealthStatus, address, socket_address};
+use xds_proto::endpoint::{ClusterLoadAssignment, lb_endpoint};
+use xds_proto::listener::{Listener as XdsListener, filter, listener_filter};
+use xds_proto::meta;
+use xds_proto::types::ResourceType;
+
+/// Why a resource was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TableError {
+    /// The bytes are not the resource type.
+    #[error("{kind} {name}: does not decode: {reason}")]
+    Decode {
+        /// Its type.
+        kind: ResourceType,
+        /// Its name.
+        name: String,
+        /// What prost said.
+        reason: String,
+    },
+    /// The resource decodes but cannot be served.
+    #[error("{kind} {name}: {reason}")]
+    Unusable {
+        /// Its type.
+        kind: ResourceType,
+        /// Its name.
+        name: String,
+        /// What is wrong, and what to check.
+        reason: String,
+    },
+}
+
+/// TCP or UDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// Which Service address a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AddressKind {
+    /// A ClusterIP: in-cluster traffic, `internalTrafficPolicy` applies.
+    ClusterIp,
+    /// A NodePort on every node address: `externalTrafficPolicy` applies.
+    NodePort,
+    /// A LoadBalancer ingress IP: `externalTrafficPolicy` applies.
+    LoadBalancer,
+    /// A `spec.externalIPs` address: `externalTrafficPolicy` applies.
+    ExternalIp,
+}
+
+/// Where a listener accepts: one socket per `(protocol, address)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenKey {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The socket address.
+    pub addr: SocketAddr,
+}
+
+/// One Service address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceListener {
+    /// The xDS Listener name (`svc/{ns}/{name}/{port}@{at}`).
+    pub name: String,
+    /// Every address it listens on (a dual-stack NodePort has two).
+    pub keys: Vec<ListenKey>,
+    /// `namespace/name` of the Service.
+    pub service: String,
+    /// What kind of address.
+    pub kind: AddressKind,
+    /// `Local`: only this node's endpoints.
+    pub local_only: bool,
+    /// For NodePort/LoadBalancer with `externalTrafficPolicy: Local`: where load balancers check this node.
+    pub health_check_node_port: Option<u16>,
+    /// The Cluster it balances over.
+    pub cluster: String,
+}
+
+/// An endpoint's state, from its EndpointSlice conditions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Health {
+    /// Ready: gets traffic.
+    Ready,
+    /// Terminating but still serving: gets traffic only when nothing is ready.
+    Terminating,
+    /// Neither: never gets traffic.
+    NotReady,
+}
+
+/// What the data path learns about an endpoint, shared across table versions (keyed by cluster and address).
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    /// Connections (or UDP flows) open to it now.
+    pub active: AtomicU32,
+    /// Connect failures in a row.
+    pub failures: AtomicU32,
+    /// Ejected until this many milliseconds after the process started (0: not ejected).
+    pub ejected_until_ms: AtomicU64,
+}
+
+/// One endpoint of a Cluster.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// Its state.
+    pub health: Health,
+    /// The node it runs on.
+    pub node: String,
+    /// Its zone.
+    pub zone: String,
+    /// Topology hints: the zones that should use it.
+    pub for_zones: Vec<String>,
+    /// Live state, carried across table versions.
+    pub stats: Arc<EndpointStats>,
+}
+
+/// Client IP → the endpoint it sticks to, and when it was last used.
+pub type AffinityMap = Mutex<HashMap<IpAddr, (SocketAddr, Instant)>>;
+
+/// A Service port's endpoints and how to balance over them.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// `{ns}/{name}/{port}`.
+    pub name: String,
+    /// `sessionAffinity: ClientIP` timeout.
+    pub affinity: Option<Duration>,
+    /// `trafficDistribution: PreferClose`.
+    pub prefer_close: bool,
+    /// The endpoints, sorted by address.
+    pub endpoints: Arc<[Endpoint]>,
+    /// Session affinity entries, carried across table versions.
+    pub affinity_map: Arc<AffinityMap>,
+    /// Round-robin position, carried across table versions.
+    pub rr: Arc<AtomicU32>,
+}
+
+/// The whole table. Immutable once published; the next one is built from it.
+#[derive(Debug, Clone, Default)]
+pub struct Table {
+    /// Service addresses by listener name.
+    pub listeners: BTreeMap<String, Arc<ServiceListener>>,
+    /// The listener serving each address (the first by name when two claim one), for the data path.
+    pub by_key: HashMap<ListenKey, Arc<ServiceListener>>,
+    /// Clusters by name (Cluster and ClusterLoadAssignment merged).
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// Cluster settings as received (kept to merge with endpoints arriving separately).
+    settings: HashMap<String, ClusterSettings>,
+    /// Endpoints as received.
+    assignments: HashMap<String, Arc<[Endpoint]>>,
+    /// The accepted version of each resource type.
+    pub versions: BTreeMap<ResourceType, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClusterSettings {
+    affinity: Option<Duration>,
+    prefer_close: bool,
+}
+
+fn unusable(kind: ResourceType, name: &str, reason: impl Into<String>) -> TableError {
+    TableError::Unusable { kind, name: name.to_owned(), reason: reason.into() }
+}
+
+fn socket(kind: ResourceType, name: &str, a: Option<&xds_proto::core::Address>) -> Result<SocketAddr, TableError> {
+    let sa = match a.and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(sa)) => sa,
+        _ => return Err(unusable(kind, name, "no socket address")),
+    };
+    let ip: IpAddr =
+        sa.address.parse().map_err(|_| unusable(kind, name, format!("{:?} is not an IP address", sa.address)))?;
+    let port = match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => u16::try_from(p).ok().filter(|p| *p != 0),
+        _ => None,
+    }
+    .ok_or_else(|| unusable(kind, name, "no valid port"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Reads a Service Listener.
+pub fn listener(name: &str, body: &[u8]) -> Result<ServiceListener, TableError> {
+    let k = ResourceType::Listener;
+    let l = XdsListener::decode(body).map_err(|e| TableError::Decode {
+        kind: k,
+        name: name.into(),
+        reason: e.to_string(),
+    })?;
+    let md = l.metadata.as_ref();
+    let service = meta::get_str(md, meta::SERVICE)
+        .ok_or_else(|| unusable(k, name, "no filter_metadata.mesh.service: not a Service listener"))?;
+    let kind = match meta::get_str(md, meta::ADDRESS_KIND) {
+        Some(meta::KIND_CLUSTER_IP) => AddressKind::ClusterIp,
+        Some(meta::KIND_NODE_PORT) => AddressKind::NodePort,
+        Some(meta::KIND_LOAD_BALANCER) => AddressKind::LoadBalancer,
+        Some(meta::KIND_EXTERNAL_IP) => AddressKind::ExternalIp,
+        other => return Err(unusable(k, name, format!("unknown addressKind {other:?}"))),
+    };
+    let local_only = match meta::get_str(md, meta::TRAFFIC_POLICY).unwrap_or("Cluster") {
+        "Cluster" => false,
+        "Local" => true,
+        other => return Err(unusable(k, name, format!("unknown trafficPolicy {other:?}"))),
+    };
+    let health_check_node_port =
+        meta::get_num(md, meta::HEALTH_CHECK_NODE_PORT).and_then(|p| u16::try_from(p as i64).ok()).filter(|p| *p != 0);
+    let (protocol, cluster) = if l.udp_listener_config.is_some() {
+        (
+            Protocol::Udp,
+            udp_cluster(&l).ok_or_else(|| unusable(k, name, "UDP listener without a udp_proxy route to a cluster"))?,
+        )
+    } else {
+        (
+            Protocol::Tcp,
+            tcp_cluster(&l).ok_or_else(|| unusable(k, name, "TCP listener without a tcp_proxy to a cluster"))?,
+        )
+    };
+    let mut keys = vec![ListenKey { protocol, addr: socket(k, name, l.address.as_ref())? }];
+    for extra in &l.additional_addresses {
+        keys.push(ListenKey { protocol, addr: socket(k, name, extra.address.as_ref())? });
+    }
+    Ok(ServiceListener {
+        name: name.to_owned(),
+        keys,
+        service: service.to_owned(),
+        kind,
+        local_only,
+        health_check_node_port,
+        cluster,
+    })
+}
+
+fn tcp_cluster(l: &XdsListener) -> Option<String> {
+    let f = l.filter_chains.first()?.filters.first()?;
+    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else { return None };
+    let t = xds_proto::tcp_proxy::TcpProxy::decode(&any.value[..]).ok()?;
+    match t.cluster_specifier? {
+        xds_proto::tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(c) if !c.is_empty() => Some(c),
+        _ => None,
+    }
+}
+
+fn udp_cluster(l: &XdsListener) -> Option<String> {
+    let f = l.listener_filters.first()?;
+    let Some(listener_filter::ConfigType::TypedConfig(any)) = &f.config_type else { return None };
+    let u = xds_proto::udp_proxy::UdpProxyConfig::decode(&any.value[..]).ok()?;
+    match u.route_specifier? {
+        xds_proto::udp_proxy::udp_proxy_config::RouteSpecifier::Matcher(m) => match m.on_no_match?.on_match? {
+            xds_proto::xds_matcher::matcher::on_match::OnMatch::Action(a) => {
+                let route = xds_proto::udp_proxy::Route::decode(&a.typed_config?.value[..]).ok()?;
+                Some(route.cluster).filter(|c| !c.is_empty())
+            }
+            _ => None,
+        },
+        #[allow(deprecated)]
+        xds_proto::udp_proxy::udp_proxy_config::RouteSpecifier::Cluster(c) => Some(c).filter(|c| !c.is_empty()),
+    }
+}
+
+fn cluster_settings(name: &str, body: &[u8]) -> Result<ClusterSettings, TableError> {
+    let k = ResourceType::Cluster;
+    let c = XdsCluster::decode(body).map_err(|e| TableError::Decode {
+        kind: k,
+        name: name.into(),
+        reason: e.to_string(),
+    })?;
+    let md = c.metadata.as_ref();
+    let affinity = meta::get_num(md, meta::AFFINITY_TIMEOUT_SECONDS)
+        .filter(|t| t.is_finite() && *t > 0.0)
+        .map(|t| Duration::from_secs(t.min(86_400.0) as u64));
+    if affinity.is_none() && c.lb_policy == LbPolicy::RingHash as i32 {
+        // Envoy's RING_HASH without our timeout: Kubernetes' default affinity timeout.
+        return Ok(ClusterSettings { affinity: Some(Duration::from_secs(10_800)), prefer_close: false });
+    }
+    let prefer_close = meta::get_str(md, meta::TRAFFIC_DISTRIBUTION) == Some("PreferClose");
+    Ok(ClusterSettings { affinity, prefer_close })
+}
+
+fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[Endpoint]>, TableError> {
+    let k = ResourceType::ClusterLoadAssignment;
+    let cla = ClusterLoadAssignment::decode(body).map_err(|e| TableError::Decode {
+        kind: k,
+        name: name.into(),
+        reason: e.to_string(),
+    })?;
+    let previous: HashMap<SocketAddr, &Arc<EndpointStats>> =
+        old.map(|c| c.endpoints.iter().map(|e| (e.addr, &e.stats)).collect()).unwrap_or_default();
+    let mut out = Vec::new();
+    for loc in &cla.endpoints {
+        let (zone, node) = loc.locality.as_ref().map(|l| (l.zone.clone(), l.sub_zone.clone())).unwrap_or_default();
+        for e in &loc.lb_endpoints {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                return Err(unusable(k, name, "an endpoint without an address"));
+            };
+            let addr = socket(k, name, ep.address.as_ref())?;
+            let health = match HealthStatus::try_from(e.health_status) {
+                Ok(HealthStatus::Healthy | HealthStatus::Unknown) => Health::Ready,
+                Ok(HealthStatus::Draining) => Health::Terminating,
+                _ => Health::NotReady,
+            };
+            out.push(Endpoint {
+                addr,
+                health,
+                node: node.clone(),
+                zone: zone.clone(),
+                for_zones: meta::get_list(e.metadata.as_ref(), meta::FOR_ZONES),
+                stats: previous.get(&addr).map(|s| Arc::clone(s)).unwrap_or_default(),
+            });
+        }
+    }
+    out.sort_by_key(|e| e.addr);
+    out.dedup_by_key(|e| e.addr);
+    Ok(out.into())
+}
+
+impl Table {
+    /// The table after one type's state changed. `resources` is the full state of that type; `changed` and
+    /// `removed` say what moved. Fails, naming the resource, if any changed resource is unusable: the caller
+    /// keeps the previous table.
+    pub fn apply(
+        &self,
+        kind: ResourceType,
+        resources: &BTreeMap<String, bytes::Bytes>,
+        changed: &[String],
+        removed: &[String],
+        version: &str,
+    ) -> Result<Table, TableError> {
+        let mut next = self.clone();
+        match kind {
+            ResourceType::Listener => {
+                for name in removed {
+                    next.listeners.remove(name);
+                }
+                for name in changed {
+                    let Some(body) = resources.get(name) else { continue };
+                    if !name.starts_with("svc/") {
+                        // Not a Service address (e.g. an ingress listener): not ours to serve.
+                        continue;
+                    }
+                    next.listeners.insert(name.clone(), Arc::new(listener(name, body)?));
+                }
+                next.by_key = next.bindings().into_iter().collect();
+            }
+            ResourceType::Cluster => {
+                for name in removed {
+                    next.settings.remove(name);
+                }
+                for name in changed {
+                    let Some(body) = resources.get(name) else { continue };
+                    next.settings.insert(name.clone(), cluster_settings(name, body)?);
+                }
+                next.rebuild(removed.iter().chain(changed));
+            }
+            ResourceType::ClusterLoadAssignment => {
+                for name in removed {
+                    next.assignments.remove(name);
+                }
+                for name in changed {
+                    let Some(body) = resources.get(name) else { continue };
+                    let eps = assignment(name, body, self.clusters.get(name).map(|c| &**c))?;
+                    next.assignments.insert(name.clone(), eps);
+                }
+                next.rebuild(removed.iter().chain(changed));
+            }
+            // Routes and Secrets are the ingress proxy's.
+            ResourceType::RouteConfiguration | ResourceType::Secret => {}
+        }
+        next.versions.insert(kind, version.to_owned());
+        Ok(next)
+    }
+
+    /// Re-merges settings and endpoints of the named clusters.
+    fn rebuild<'a>(&mut self, names: impl Iterator<Item = &'a String>) {
+        for name in names {
+            match self.settings.get(name) {
+                None => {
+                    self.clusters.remove(name);
+                }
+                Some(s) => {
+                    let old = self.clusters.get(name);
+                    let c = Cluster {
+                        name: name.clone(),
+                        affinity: s.affinity,
+                        prefer_close: s.prefer_close,
+                        endpoints: self.assignments.get(name).cloned().unwrap_or_else(|| Arc::from(Vec::new())),
+                        affinity_map: old.map(|c| c.affinity_map.clone()).unwrap_or_default(),
+                        rr: old.map(|c| c.rr.clone()).unwrap_or_default(),
+                    };
+                    self.clusters.insert(name.clone(), Arc::new(c));
+                }
+            }
+        }
+    }
+
+    /// Every address the proxy must listen on, with the listener serving it.
+    pub fn bindings(&self) -> BTreeMap<ListenKey, Arc<ServiceListener>> {
+        let mut out = BTreeMap::new();
+        for l in self.listeners.values() {
+            for k in &l.keys {
+                out.entry(*k).or_insert_with(|| l.clone());
+            }
+        }
+        out
+    }
+}
+
+/// Milliseconds since the process started: a cheap monotonic clock for ejections.
+pub fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+impl EndpointStats {
+    /// Whether it is ejected now.
+    pub fn ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+}
