@@ -7,7 +7,7 @@
 //! build time) from the `.proto` files shipped in the `envoy-types` package, so the JSON is the canonical
 //! proto3 mapping a real Envoy reads, `Any` included.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::LazyLock;
 
 use prost::Message;
@@ -41,8 +41,32 @@ pub enum CodecError {
 
 struct Descriptors {
     pool: DescriptorPool,
-    /// Messages that contain a map field, directly or through a message field: the only ones worth rewriting.
-    has_map: HashSet<String>,
+    /// A walk plan for every message that contains a map field, directly or through a message field: the only
+    /// ones worth rewriting. Indexed by position; `plan_of` finds a message's plan by name.
+    plans: Vec<Plan>,
+    plan_of: HashMap<String, usize>,
+}
+
+/// What to do with each length-delimited field of a message that holds maps.
+#[derive(Debug, Default)]
+struct Plan {
+    /// By field number, sorted: the fields that need work. Every other field is copied as it is.
+    fields: Vec<(u32, Step)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// A map field: its entries are collected, made canonical with this plan (or copied when `None`), and
+    /// written sorted at the end of the message.
+    Map(Option<usize>),
+    /// A message field that holds maps somewhere below: rewritten in place with this plan.
+    Recurse(usize),
+}
+
+impl Plan {
+    fn step(&self, number: u32) -> Option<Step> {
+        self.fields.binary_search_by_key(&number, |(n, _)| *n).ok().map(|i| self.fields[i].1)
+    }
 }
 
 static DESCRIPTORS: LazyLock<Descriptors> = LazyLock::new(|| {
@@ -68,7 +92,26 @@ static DESCRIPTORS: LazyLock<Descriptors> = LazyLock::new(|| {
             break;
         }
     }
-    Descriptors { pool, has_map }
+    let mut names: Vec<&String> = has_map.iter().collect();
+    names.sort();
+    let plan_of: HashMap<String, usize> = names.iter().enumerate().map(|(i, n)| ((*n).clone(), i)).collect();
+    let plans = names
+        .iter()
+        .map(|name| {
+            let m = pool.get_message_by_name(name).expect("a message of the pool");
+            let mut fields: Vec<(u32, Step)> = m
+                .fields()
+                .filter_map(|f| match f.kind() {
+                    Kind::Message(inner) if f.is_map() => Some((f.number(), Step::Map(plan_of.get(inner.full_name()).copied()))),
+                    Kind::Message(inner) => plan_of.get(inner.full_name()).map(|i| (f.number(), Step::Recurse(*i))),
+                    _ => None,
+                })
+                .collect();
+            fields.sort_by_key(|(n, _)| *n);
+            Plan { fields }
+        })
+        .collect();
+    Descriptors { pool, plans, plan_of }
 });
 
 /// The descriptor pool of every Envoy type we emit (and what they import).
@@ -100,13 +143,17 @@ pub fn pack_any<M: Message + prost::Name>(msg: &M) -> Any {
     Any { type_url: M::type_url(), value: encode(msg) }
 }
 
-/// Rewrites an encoding of `type_name` (full name or type URL) into canonical form: map entries sorted, and
-/// every message that contains a map rewritten the same way, recursively. Other bytes are kept as they are.
+/// Rewrites an encoding of `type_name` (full name or type URL) into canonical form: the entries of every map
+/// sorted (and written after the message's other fields), at every depth. Other bytes are kept as they are.
+/// Sorting never changes a length, so nested messages are rewritten in place.
 pub fn canonicalize(type_name: &str, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
     let desc = descriptor(type_name)?;
     let mut out = Vec::with_capacity(bytes.len());
-    canon_message(&desc, bytes, &mut out)
-        .map_err(|reason| CodecError::Malformed { type_name: desc.full_name().to_owned(), reason })?;
+    match DESCRIPTORS.plan_of.get(desc.full_name()) {
+        None => out.extend_from_slice(bytes),
+        Some(plan) => canon_message(*plan, bytes, &mut out)
+            .map_err(|reason| CodecError::Malformed { type_name: desc.full_name().to_owned(), reason })?,
+    }
     Ok(out)
 }
 
@@ -131,68 +178,78 @@ fn write_varint(mut v: u64, out: &mut Vec<u8>) {
     out.push(v as u8);
 }
 
-fn canon_message(desc: &MessageDescriptor, input: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-    if !DESCRIPTORS.has_map.contains(desc.full_name()) {
-        out.extend_from_slice(input);
-        return Ok(());
-    }
-    // (field number, encoded entries) for each map field met, in order of first appearance.
-    let mut maps: Vec<(u32, Vec<Vec<u8>>)> = Vec::new();
+thread_local! {
+    /// Scratch buffers for map entries, reused across calls (one per nesting depth in use).
+    static SCRATCH: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+fn canon_message(plan: usize, input: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
+    let plan = &DESCRIPTORS.plans[plan];
+    // Map entries, canonicalized into `scratch`: (field number, start, end), in order of appearance.
+    let mut entries: Vec<(u32, usize, usize)> = Vec::new();
+    let mut scratch: Option<Vec<u8>> = None;
     let mut pos = 0;
-    while pos < input.len() {
-        let start = pos;
-        let key = read_varint(input, &mut pos)?;
-        let number = u32::try_from(key >> 3).map_err(|_| "field number out of range")?;
-        match key & 7 {
-            0 => {
-                read_varint(input, &mut pos)?;
-                out.extend_from_slice(&input[start..pos]);
-            }
-            1 | 5 => {
-                pos += if key & 7 == 1 { 8 } else { 4 };
-                if pos > input.len() {
-                    return Err("truncated fixed-width field".into());
+    let result = (|| {
+        while pos < input.len() {
+            let start = pos;
+            let key = read_varint(input, &mut pos)?;
+            let number = u32::try_from(key >> 3).map_err(|_| "field number out of range")?;
+            match key & 7 {
+                0 => {
+                    read_varint(input, &mut pos)?;
+                    out.extend_from_slice(&input[start..pos]);
                 }
-                out.extend_from_slice(&input[start..pos]);
-            }
-            2 => {
-                let len = usize::try_from(read_varint(input, &mut pos)?).map_err(|_| "length out of range")?;
-                let end = pos.checked_add(len).filter(|e| *e <= input.len()).ok_or("truncated field")?;
-                let payload = &input[pos..end];
-                pos = end;
-                let field = desc.get_field(number);
-                match field.as_ref().map(|f| (f.is_map(), f.kind())) {
-                    Some((true, Kind::Message(entry))) => {
-                        let mut buf = Vec::with_capacity(payload.len());
-                        canon_message(&entry, payload, &mut buf)?;
-                        match maps.iter_mut().find(|(n, _)| *n == number) {
-                            Some((_, entries)) => entries.push(buf),
-                            None => maps.push((number, vec![buf])),
+                1 | 5 => {
+                    pos += if key & 7 == 1 { 8 } else { 4 };
+                    if pos > input.len() {
+                        return Err("truncated fixed-width field".to_owned());
+                    }
+                    out.extend_from_slice(&input[start..pos]);
+                }
+                2 => {
+                    let len = usize::try_from(read_varint(input, &mut pos)?).map_err(|_| "length out of range")?;
+                    let body = pos;
+                    let end = pos.checked_add(len).filter(|e| *e <= input.len()).ok_or("truncated field")?;
+                    pos = end;
+                    match plan.step(number) {
+                        Some(Step::Map(entry_plan)) => {
+                            let buf = scratch.get_or_insert_with(|| {
+                                SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default()
+                            });
+                            let from = buf.len();
+                            match entry_plan {
+                                Some(p) => canon_message(p, &input[body..end], buf)?,
+                                None => buf.extend_from_slice(&input[body..end]),
+                            }
+                            entries.push((number, from, buf.len()));
                         }
+                        Some(Step::Recurse(p)) => {
+                            out.extend_from_slice(&input[start..body]);
+                            canon_message(p, &input[body..end], out)?;
+                        }
+                        None => out.extend_from_slice(&input[start..end]),
                     }
-                    Some((false, Kind::Message(inner))) if DESCRIPTORS.has_map.contains(inner.full_name()) => {
-                        let mut buf = Vec::with_capacity(payload.len());
-                        canon_message(&inner, payload, &mut buf)?;
-                        write_varint(key, out);
-                        write_varint(buf.len() as u64, out);
-                        out.extend_from_slice(&buf);
-                    }
-                    _ => out.extend_from_slice(&input[start..pos]),
                 }
+                w => return Err(format!("unsupported wire type {w} in field {number}")),
             }
-            w => return Err(format!("unsupported wire type {w} in field {number}")),
+        }
+        Ok(())
+    })();
+    if let Some(buf) = &scratch {
+        // By field, then by entry bytes. Nothing is dropped, so the message keeps its length (its parent wrote
+        // that length before it).
+        entries.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| buf[a.1..a.2].cmp(&buf[b.1..b.2])));
+        for (number, from, to) in &entries {
+            write_varint((u64::from(*number) << 3) | 2, out);
+            write_varint((to - from) as u64, out);
+            out.extend_from_slice(&buf[*from..*to]);
         }
     }
-    for (number, mut entries) in maps {
-        entries.sort();
-        entries.dedup();
-        for e in entries {
-            write_varint((u64::from(number) << 3) | 2, out);
-            write_varint(e.len() as u64, out);
-            out.extend_from_slice(&e);
-        }
+    if let Some(mut buf) = scratch {
+        buf.clear();
+        SCRATCH.with(|s| s.borrow_mut().push(buf));
     }
-    Ok(())
+    result
 }
 
 /// Envoy's JSON mapping of an encoded resource (field names as in the `.proto`, as Envoy's config_dump prints).
@@ -279,6 +336,34 @@ mod tests {
         }
         let decoded = Cluster::decode(&first[..]).unwrap();
         assert_eq!(decoded, many_keys());
+    }
+
+    #[test]
+    fn nested_maps_are_canonical_at_every_depth() {
+        use crate::endpoint::{ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints};
+        let cla = || ClusterLoadAssignment {
+            cluster_name: "a/b/80".into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: (0..10)
+                    .map(|i| LbEndpoint {
+                        metadata: meta::build([
+                            (meta::POD, meta::MetaValue::Str(format!("pod-{i}"))),
+                            (meta::FOR_ZONES, meta::MetaValue::List(vec!["a".into(), "b".into()])),
+                            (meta::FOR_NODES, meta::MetaValue::List(vec!["n".into()])),
+                        ]),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let first = encode(&cla());
+        for _ in 0..30 {
+            assert_eq!(encode(&cla()), first);
+        }
+        assert_eq!(ClusterLoadAssignment::decode(&first[..]).unwrap(), cla());
+        assert_eq!(canonicalize(crate::types::CLUSTER_LOAD_ASSIGNMENT, &first).unwrap(), first, "idempotent");
     }
 
     #[test]

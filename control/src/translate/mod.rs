@@ -243,9 +243,14 @@ impl Translator {
         };
         let mut touched_addrs = BTreeSet::new();
         let mut touched_clusters = BTreeSet::new();
+        // The problem list is rebuilt only when some part of it may have changed.
+        let mut problems_dirty = changes.ingress || changes.all_services;
         for key in &keys {
             let new = service::translate(store, key);
             let old = self.services.remove(key);
+            if old.as_ref().map_or(&[][..], |o| &o.problems[..]) != &new.problems[..] {
+                problems_dirty = true;
+            }
             if let Some(old) = &old {
                 for (name, _) in old.clusters.iter().chain(&old.clas) {
                     touched_clusters.insert(name.clone());
@@ -289,7 +294,7 @@ impl Translator {
                 self.services.insert(key.clone(), new);
             }
         }
-        self.resolve_claims(&touched_addrs);
+        problems_dirty |= self.resolve_claims(&touched_addrs);
 
         if changes.ingress {
             self.ingress = ingress::translate(store, &self.opts);
@@ -323,6 +328,9 @@ impl Translator {
             }
         }
 
+        if !problems_dirty {
+            return &self.snapshot;
+        }
         let mut problems: Vec<Problem> = self
             .services
             .values()
@@ -355,13 +363,15 @@ impl Translator {
     }
 
     /// Serves, at each touched address, the listener of the oldest Service claiming it; reports the others.
-    fn resolve_claims(&mut self, addrs: &BTreeSet<ListenKey>) {
+    /// Returns whether any conflict report changed.
+    fn resolve_claims(&mut self, addrs: &BTreeSet<ListenKey>) -> bool {
+        let mut changed = false;
         let listeners = self.snapshot.proxy.get_mut(ResourceType::Listener);
         for addr in addrs {
             if let Some(old) = self.winners.remove(addr) {
                 listeners.remove(&old);
             }
-            self.conflicts.remove(addr);
+            changed |= self.conflicts.remove(addr).is_some();
             let Some(claims) = self.claims.get(addr) else { continue };
             let mut it = claims.iter();
             let Some((winner_order, winner)) = it.next() else { continue };
@@ -379,9 +389,11 @@ impl Translator {
                 })
                 .collect();
             if !losers.is_empty() {
+                changed = true;
                 self.conflicts.insert(*addr, losers);
             }
         }
+        changed
     }
 }
 

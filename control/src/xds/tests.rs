@@ -348,7 +348,9 @@ fn delta_large_sets_go_out_in_chunks() {
     let mut objs = Vec::new();
     for i in 0..120 {
         let mut v = svc(&format!("s{i}"), &format!("10.96.1.{i}"), "10.0.0.1");
-        let eps: Vec<Value> = (0..1000).map(|e| json!({"addresses": [format!("10.1.{}.{}", e / 250, e % 250)], "nodeName": "some-node-name"})).collect();
+        let eps: Vec<Value> = (0..1000)
+            .map(|e| json!({"addresses": [format!("10.1.{}.{}", e / 250, e % 250)], "nodeName": "some-node-name"}))
+            .collect();
         v[1]["endpoints"] = json!(eps);
         objs.extend(v);
     }
