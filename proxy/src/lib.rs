@@ -4,6 +4,13 @@
 //! Configuration arrives as xDS resources (from `mesh-control`, or a snapshot file) and is converted at the edge
 //! into a [`table::Table`], published as an immutable `Arc` that each connection reads once.
 
+pub mod app;
 pub mod balance;
+pub mod config;
+pub mod health;
+pub mod listeners;
+pub mod netif;
 pub mod state;
 pub mod table;
+pub mod tcp;
+pub mod udp;

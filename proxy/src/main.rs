@@ -1,1 +1,103 @@
-fn main() {}
+//! `mesh-proxy`: the per-node L4 proxy (a DaemonSet).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use mesh_proxy::app::{self, Source};
+use mesh_proxy::balance::Algorithm;
+use mesh_proxy::state::DataConfig;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Lb {
+    LeastConnections,
+    RoundRobin,
+}
+
+/// The mesh node proxy: ClusterIP, NodePort and LoadBalancer addresses to ready Pods.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The control plane, http://ADDR (or https:// with TLS).
+    #[arg(long, env = "MESH_XDS", required_unless_present = "snapshot")]
+    xds: Option<String>,
+    /// Serve from a snapshot file (meshctl snapshot --role proxy) instead of a control plane.
+    #[arg(long, env = "MESH_SNAPSHOT", conflicts_with = "xds")]
+    snapshot: Option<PathBuf>,
+    /// xDS protocol variant: delta or sotw.
+    #[arg(long, env = "MESH_XDS_PROTOCOL", default_value = "delta")]
+    xds_protocol: xds_proto::client::Protocol,
+    /// This node's name (Local traffic policies); NODE_NAME from the downward API in a DaemonSet.
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// This node's zone, for topology-aware routing (PreferClose, zone hints).
+    #[arg(long, env = "MESH_ZONE")]
+    zone: Option<String>,
+    /// Where to serve the admin endpoints (/ready, /metrics, /config_dump, /logging).
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:19001")]
+    admin_addr: SocketAddr,
+    /// How to choose among endpoints.
+    #[arg(long, env = "MESH_LB", value_enum, default_value_t = Lb::LeastConnections)]
+    lb: Lb,
+    /// How long one connect attempt may take before another endpoint is tried, in milliseconds.
+    #[arg(long, env = "MESH_CONNECT_TIMEOUT_MS", default_value_t = 2000)]
+    connect_timeout_ms: u64,
+    /// How many endpoints a connection tries before it is refused.
+    #[arg(long, env = "MESH_CONNECT_ATTEMPTS", default_value_t = 3)]
+    connect_attempts: usize,
+    /// How long a UDP flow lives without traffic, in seconds.
+    #[arg(long, env = "MESH_UDP_IDLE_S", default_value_t = 30)]
+    udp_idle_s: u64,
+    /// Put Service addresses on this dummy interface (needs CAP_NET_ADMIN), as kube-proxy's IPVS mode does.
+    #[arg(long, env = "MESH_INTERFACE")]
+    interface: Option<String>,
+    /// On SIGTERM, how long open connections may take to finish, in seconds.
+    #[arg(long, env = "MESH_DRAIN_S", default_value_t = 30)]
+    drain_s: u64,
+    /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "MESH_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
+    let source = match (args.xds, args.snapshot) {
+        (_, Some(path)) => Source::File(path),
+        (Some(endpoint), None) => Source::Xds { endpoint, protocol: args.xds_protocol },
+        (None, None) => anyhow::bail!("give --xds http://ADDR or --snapshot FILE"),
+    };
+    let cfg = app::Config {
+        source,
+        node: args.node,
+        zone: args.zone,
+        admin_addr: args.admin_addr,
+        data: DataConfig {
+            algorithm: match args.lb {
+                Lb::LeastConnections => Algorithm::LeastConnections,
+                Lb::RoundRobin => Algorithm::RoundRobin,
+            },
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+            connect_attempts: args.connect_attempts.max(1),
+            udp_idle: Duration::from_secs(args.udp_idle_s),
+        },
+        interface: args.interface,
+        logging: Some(logging),
+    };
+    let app = app::build(cfg).await.context("starting mesh-proxy")?;
+    // One machine-readable line a supervisor or test can wait for.
+    println!("mesh-proxy admin={}", app.admin_addr);
+    let signal = mesh_runtime::shutdown::signal().await?;
+    tracing::info!(?signal, "draining");
+    let left = app.drain(Duration::from_secs(args.drain_s)).await;
+    if left > 0 {
+        tracing::warn!(left, "drain deadline passed with connections still open; closing them");
+    }
+    Ok(())
+}

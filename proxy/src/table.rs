@@ -331,13 +331,13 @@ fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[End
 }
 
 impl Table {
-    /// The table after one type's state changed. `resources` is the full state of that type; `changed` and
-    /// `removed` say what moved. Fails, naming the resource, if any changed resource is unusable: the caller
-    /// keeps the previous table.
-    pub fn apply(
+    /// The table after one type's state changed. `resources` looks a resource of that type up by name (the
+    /// type's full state); `changed` and `removed` say what moved, and only those are converted. Fails, naming
+    /// the resource, if any changed resource is unusable: the caller keeps the previous table.
+    pub fn apply<'a>(
         &self,
         kind: ResourceType,
-        resources: &BTreeMap<String, bytes::Bytes>,
+        resources: impl Fn(&str) -> Option<&'a [u8]>,
         changed: &[String],
         removed: &[String],
         version: &str,
@@ -349,7 +349,7 @@ impl Table {
                     next.listeners.remove(name);
                 }
                 for name in changed {
-                    let Some(body) = resources.get(name) else { continue };
+                    let Some(body) = resources(name) else { continue };
                     if !name.starts_with("svc/") {
                         // Not a Service address (e.g. an ingress listener): not ours to serve.
                         continue;
@@ -363,7 +363,7 @@ impl Table {
                     next.settings.remove(name);
                 }
                 for name in changed {
-                    let Some(body) = resources.get(name) else { continue };
+                    let Some(body) = resources(name) else { continue };
                     next.settings.insert(name.clone(), cluster_settings(name, body)?);
                 }
                 next.rebuild(removed.iter().chain(changed));
@@ -373,7 +373,7 @@ impl Table {
                     next.assignments.remove(name);
                 }
                 for name in changed {
-                    let Some(body) = resources.get(name) else { continue };
+                    let Some(body) = resources(name) else { continue };
                     let eps = assignment(name, body, self.clusters.get(name).map(|c| &**c))?;
                     next.assignments.insert(name.clone(), eps);
                 }
@@ -431,5 +431,180 @@ impl EndpointStats {
     /// Whether it is ejected now.
     pub fn ejected(&self, now_ms: u64) -> bool {
         self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xds_proto::cluster::cluster::LbPolicy;
+    use xds_proto::codec::encode;
+    use xds_proto::core::{Address, Locality, SocketAddress};
+    use xds_proto::endpoint::{LbEndpoint, LocalityLbEndpoints};
+    use xds_proto::listener::{Filter, FilterChain};
+    use xds_proto::meta::MetaValue;
+
+    fn addr(ip: &str, port: u32) -> Address {
+        Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: ip.into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn tcp_listener(name: &str, ip: &str, port: u32, cluster: &str, policy: &str) -> Vec<u8> {
+        let tcp = xds_proto::tcp_proxy::TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster_specifier: Some(xds_proto::tcp_proxy::tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        };
+        encode(&XdsListener {
+            name: name.into(),
+            address: Some(addr(ip, port)),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(xds_proto::codec::pack_any(&tcp))),
+                }],
+                ..Default::default()
+            }],
+            metadata: meta::build([
+                (meta::SERVICE, MetaValue::from("ns/web")),
+                (meta::ADDRESS_KIND, meta::KIND_CLUSTER_IP.into()),
+                (meta::TRAFFIC_POLICY, policy.into()),
+            ]),
+            ..Default::default()
+        })
+    }
+
+    fn cla(cluster: &str, eps: &[(&str, HealthStatus, &str)]) -> Vec<u8> {
+        encode(&ClusterLoadAssignment {
+            cluster_name: cluster.into(),
+            endpoints: eps
+                .iter()
+                .map(|(ip, h, node)| LocalityLbEndpoints {
+                    locality: Some(Locality { zone: "z".into(), sub_zone: node.to_string(), ..Default::default() }),
+                    lb_endpoints: vec![LbEndpoint {
+                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(xds_proto::endpoint::Endpoint {
+                            address: Some(addr(ip, 8080)),
+                            ..Default::default()
+                        })),
+                        health_status: *h as i32,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    fn apply(t: &Table, kind: ResourceType, items: &[(&str, Vec<u8>)]) -> Result<Table, TableError> {
+        let map: BTreeMap<String, Vec<u8>> = items.iter().map(|(n, b)| (n.to_string(), b.clone())).collect();
+        let names: Vec<String> = map.keys().cloned().collect();
+        t.apply(kind, |n| map.get(n).map(|b| &b[..]), &names, &[], "v1")
+    }
+
+    #[test]
+    fn converts_listeners_clusters_and_endpoints() {
+        let t = Table::default();
+        let c = encode(&XdsCluster {
+            name: "ns/web/80".into(),
+            lb_policy: LbPolicy::RingHash as i32,
+            metadata: meta::build([(meta::AFFINITY_TIMEOUT_SECONDS, MetaValue::from(60u32))]),
+            ..Default::default()
+        });
+        let t = apply(&t, ResourceType::Cluster, &[("ns/web/80", c)]).unwrap();
+        let t = apply(
+            &t,
+            ResourceType::ClusterLoadAssignment,
+            &[(
+                "ns/web/80",
+                cla(
+                    "ns/web/80",
+                    &[("10.0.0.1", HealthStatus::Healthy, "n1"), ("10.0.0.2", HealthStatus::Draining, "n2")],
+                ),
+            )],
+        )
+        .unwrap();
+        let t = apply(
+            &t,
+            ResourceType::Listener,
+            &[(
+                "svc/ns/web/80@10.96.0.1",
+                tcp_listener("svc/ns/web/80@10.96.0.1", "10.96.0.1", 80, "ns/web/80", "Local"),
+            )],
+        )
+        .unwrap();
+        let l = &t.listeners["svc/ns/web/80@10.96.0.1"];
+        assert_eq!((l.kind, l.local_only, l.cluster.as_str()), (AddressKind::ClusterIp, true, "ns/web/80"));
+        let key = ListenKey { protocol: Protocol::Tcp, addr: "10.96.0.1:80".parse().unwrap() };
+        assert_eq!(t.by_key[&key].name, l.name);
+        let c = &t.clusters["ns/web/80"];
+        assert_eq!(c.affinity, Some(Duration::from_secs(60)));
+        let eps: Vec<(String, Health, &str)> =
+            c.endpoints.iter().map(|e| (e.addr.to_string(), e.health, e.node.as_str())).collect();
+        assert_eq!(
+            eps,
+            [
+                ("10.0.0.1:8080".to_owned(), Health::Ready, "n1"),
+                ("10.0.0.2:8080".to_owned(), Health::Terminating, "n2")
+            ]
+        );
+        assert_eq!(t.versions[&ResourceType::Listener], "v1");
+    }
+
+    #[test]
+    fn endpoint_state_survives_an_update_and_bad_resources_are_rejected() {
+        let t = apply(
+            &Table::default(),
+            ResourceType::Cluster,
+            &[("c", encode(&XdsCluster { name: "c".into(), ..Default::default() }))],
+        )
+        .unwrap();
+        let t = apply(
+            &t,
+            ResourceType::ClusterLoadAssignment,
+            &[("c", cla("c", &[("10.0.0.1", HealthStatus::Healthy, "n")]))],
+        )
+        .unwrap();
+        t.clusters["c"].endpoints[0].stats.active.store(7, Ordering::Relaxed);
+        let t2 = apply(
+            &t,
+            ResourceType::ClusterLoadAssignment,
+            &[("c", cla("c", &[("10.0.0.1", HealthStatus::Healthy, "n"), ("10.0.0.2", HealthStatus::Healthy, "n")]))],
+        )
+        .unwrap();
+        assert_eq!(
+            t2.clusters["c"].endpoints[0].stats.active.load(Ordering::Relaxed),
+            7,
+            "same endpoint, same live state"
+        );
+        assert!(Arc::ptr_eq(&t.clusters["c"].affinity_map, &t2.clusters["c"].affinity_map));
+
+        let garbage = apply(&t2, ResourceType::ClusterLoadAssignment, &[("c", vec![0x0a, 0xff])]);
+        assert!(matches!(garbage, Err(TableError::Decode { .. })), "{garbage:?}");
+        let bad_ip = apply(
+            &t2,
+            ResourceType::ClusterLoadAssignment,
+            &[("c", cla("c", &[("not-an-ip", HealthStatus::Healthy, "n")]))],
+        );
+        assert!(bad_ip.unwrap_err().to_string().contains("\"not-an-ip\" is not an IP address"));
+        let no_filter = encode(&XdsListener {
+            name: "svc/x".into(),
+            address: Some(addr("10.96.0.9", 80)),
+            metadata: meta::build([
+                (meta::SERVICE, MetaValue::from("ns/x")),
+                (meta::ADDRESS_KIND, meta::KIND_CLUSTER_IP.into()),
+            ]),
+            ..Default::default()
+        });
+        let err = apply(&t2, ResourceType::Listener, &[("svc/x", no_filter)]).unwrap_err();
+        assert!(err.to_string().contains("svc/x: TCP listener without a tcp_proxy"), "{err}");
+        // Removal.
+        let t3 = t2.apply(ResourceType::ClusterLoadAssignment, |_| None, &[], &["c".to_owned()], "v2").unwrap();
+        assert!(t3.clusters["c"].endpoints.is_empty());
     }
 }

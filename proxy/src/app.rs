@@ -1,0 +1,182 @@
+//! `mesh-proxy` as a running thing: configuration source → table → sockets, with admin and drain.
+//!
+//! [`build`] starts everything and returns the bound addresses at once, so tests run the real proxy in-process.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_runtime::{Admin, AdminError, AdminServer, Metrics, ReloadHandle, Shutdown};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::info;
+use xds_proto::client::{self, ClientConfig, ClientError, ClientHandle, Protocol};
+
+use crate::balance::Locality;
+use crate::config::{self, ConfigError, NEEDED, XdsHandler};
+use crate::listeners::{self, Manager};
+use crate::state::{DataConfig, ProxyMetrics, Shared};
+use crate::table::{ListenKey, Table};
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The admin server could not start.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    /// The snapshot file could not be loaded.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The control plane address is unusable.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A control plane (`http://host:port`), over ADS.
+    Xds {
+        /// The endpoint.
+        endpoint: String,
+        /// Delta or SotW.
+        protocol: Protocol,
+    },
+    /// A snapshot file written by `meshctl snapshot --role proxy`.
+    File(PathBuf),
+}
+
+/// How to run the proxy.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The configuration source.
+    pub source: Source,
+    /// This node's name (Local traffic policies; `node.id` over xDS).
+    pub node: String,
+    /// This node's zone (topology-aware routing).
+    pub zone: Option<String>,
+    /// Where to serve the admin endpoints (loopback).
+    pub admin_addr: SocketAddr,
+    /// Data path settings.
+    pub data: DataConfig,
+    /// Put Service addresses on this dummy interface (Linux, CAP_NET_ADMIN).
+    pub interface: Option<String>,
+    /// The log filter `/logging` changes.
+    pub logging: Option<ReloadHandle>,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct App {
+    /// Where the admin endpoints are.
+    pub admin_addr: SocketAddr,
+    /// The shared state (table, metrics, open connections).
+    pub shared: Arc<Shared>,
+    /// The addresses being listened on.
+    pub listening: watch::Receiver<Vec<ListenKey>>,
+    /// Admin state (readiness).
+    pub admin: Admin,
+    client: Option<ClientHandle>,
+    stop_listeners: Shutdown,
+    stop_admin: Shutdown,
+    manager: tokio::task::JoinHandle<()>,
+}
+
+impl App {
+    /// Drains: stops accepting new connections, waits up to `deadline` for open ones to finish, then stops.
+    /// Returns how many connections were still open at the deadline.
+    pub async fn drain(self, deadline: Duration) -> usize {
+        self.admin.readiness().set_ready(false);
+        self.stop_listeners.trigger();
+        let _ = self.manager.await;
+        let open = self.shared.conns.open();
+        info!(open, "draining: no new connections; waiting for open ones");
+        let left = self.shared.conns.wait_idle(deadline).await;
+        if let Some(c) = self.client {
+            c.stop().await;
+        }
+        self.stop_admin.trigger();
+        left
+    }
+}
+
+fn config_dump(shared: &Shared) -> serde_json::Value {
+    let t: Arc<Table> = shared.table.load_full();
+    let now = crate::table::now_ms();
+    let listeners: Vec<_> = t
+        .listeners
+        .values()
+        .map(|l| {
+            json!({"name": l.name, "addresses": l.keys.iter().map(|k| format!("{}/{:?}", k.addr, k.protocol)).collect::<Vec<_>>(),
+                "service": l.service, "kind": format!("{:?}", l.kind), "localOnly": l.local_only,
+                "healthCheckNodePort": l.health_check_node_port, "cluster": l.cluster})
+        })
+        .collect();
+    let mut clusters: Vec<_> = t
+        .clusters
+        .values()
+        .map(|c| {
+            json!({"name": c.name, "affinitySeconds": c.affinity.map(|d| d.as_secs()), "preferClose": c.prefer_close,
+                "endpoints": c.endpoints.iter().map(|e| json!({"address": e.addr.to_string(), "health": format!("{:?}", e.health),
+                    "node": e.node, "zone": e.zone, "active": e.stats.active.load(std::sync::atomic::Ordering::Relaxed),
+                    "ejected": e.stats.ejected(now)})).collect::<Vec<_>>()})
+        })
+        .collect();
+    clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    let versions: serde_json::Map<String, serde_json::Value> =
+        t.versions.iter().map(|(k, v)| (k.short().to_owned(), json!(v))).collect();
+    json!({"node": shared.here.node, "zone": shared.here.zone, "versions": versions, "listeners": listeners,
+        "clusters": clusters, "openConnections": shared.conns.open()})
+}
+
+/// Starts the proxy.
+pub async fn build(cfg: Config) -> Result<App, AppError> {
+    let metrics = ProxyMetrics::default();
+    let registry = Metrics::new();
+    registry.with_registry(|r| metrics.register(r));
+    let shared = Shared::new(Locality { node: cfg.node.clone(), zone: cfg.zone.clone() }, cfg.data.clone(), metrics);
+    let dump = {
+        let shared = shared.clone();
+        Arc::new(move || config_dump(&shared))
+    };
+    let mut admin = Admin::builder().metrics(registry).config_dump(dump);
+    if let Some(l) = cfg.logging.clone() {
+        admin = admin.logging(l);
+    }
+    let admin = admin.build()?;
+    let stop_admin = Shutdown::new();
+    let (admin_addr, _) = AdminServer::serve(cfg.admin_addr, admin.clone(), stop_admin.clone()).await?;
+
+    let (changes_tx, changes_rx) = watch::channel(0u64);
+    let client = match &cfg.source {
+        Source::File(path) => {
+            config::load_file(path, &shared)?;
+            changes_tx.send_modify(|g| *g += 1);
+            admin.readiness().set_ready(true);
+            info!(file = %path.display(), "serving from a snapshot file");
+            None
+        }
+        Source::Xds { endpoint, protocol } => {
+            let mut c = ClientConfig::new(endpoint.clone(), cfg.node.clone(), client::ROLE_PROXY);
+            c.protocol = *protocol;
+            c.validate()?;
+            let handle = client::spawn(c, XdsHandler::new(shared.clone(), changes_tx));
+            // Ready once every type the proxy needs has been accepted once; empty is an answer too.
+            let mut status = handle.status();
+            let readiness = admin.readiness().clone();
+            tokio::spawn(async move {
+                if status.wait_for(|s| s.is_loaded(&NEEDED)).await.is_ok() {
+                    readiness.set_ready(true);
+                    info!("configuration loaded: ready");
+                }
+            });
+            Some(handle)
+        }
+    };
+    let stop_listeners = Shutdown::new();
+    let (listening_tx, listening) = watch::channel(Vec::new());
+    let manager = Manager::new(shared.clone(), cfg.interface.as_deref());
+    let manager = tokio::spawn(listeners::run(manager, changes_rx, stop_listeners.clone(), listening_tx));
+    Ok(App { admin_addr, shared, listening, admin, client, stop_listeners, stop_admin, manager })
+}
