@@ -154,19 +154,21 @@ pub struct Cluster {
     pub rr: Arc<AtomicU32>,
 }
 
-/// The whole table. Immutable once published; the next one is built from it.
+/// The whole table. Immutable once published; the next one is built from it. Its maps are persistent
+/// (`imbl`): the next table shares everything the change did not touch, so a one-endpoint change costs
+/// O(log n), not a copy of 10,000 Services.
 #[derive(Debug, Clone, Default)]
 pub struct Table {
     /// Service addresses by listener name.
-    pub listeners: BTreeMap<String, Arc<ServiceListener>>,
+    pub listeners: imbl::OrdMap<String, Arc<ServiceListener>>,
     /// The listener serving each address (the first by name when two claim one), for the data path.
-    pub by_key: HashMap<ListenKey, Arc<ServiceListener>>,
+    pub by_key: imbl::HashMap<ListenKey, Arc<ServiceListener>>,
     /// Clusters by name (Cluster and ClusterLoadAssignment merged).
-    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub clusters: imbl::HashMap<String, Arc<Cluster>>,
     /// Cluster settings as received (kept to merge with endpoints arriving separately).
-    settings: HashMap<String, ClusterSettings>,
+    settings: imbl::HashMap<String, ClusterSettings>,
     /// Endpoints as received.
-    assignments: HashMap<String, Arc<[Endpoint]>>,
+    assignments: imbl::HashMap<String, Arc<[Endpoint]>>,
     /// The accepted version of each resource type.
     pub versions: BTreeMap<ResourceType, String>,
 }
@@ -345,8 +347,11 @@ impl Table {
         let mut next = self.clone();
         match kind {
             ResourceType::Listener => {
+                let mut touched: Vec<Arc<ServiceListener>> = Vec::new();
                 for name in removed {
-                    next.listeners.remove(name);
+                    if let Some(old) = next.listeners.remove(name) {
+                        touched.push(old);
+                    }
                 }
                 for name in changed {
                     let Some(body) = resources(name) else { continue };
@@ -354,9 +359,13 @@ impl Table {
                         // Not a Service address (e.g. an ingress listener): not ours to serve.
                         continue;
                     }
-                    next.listeners.insert(name.clone(), Arc::new(listener(name, body)?));
+                    let l = Arc::new(listener(name, body)?);
+                    if let Some(old) = next.listeners.insert(name.clone(), l.clone()) {
+                        touched.push(old);
+                    }
+                    touched.push(l);
                 }
-                next.by_key = next.bindings().into_iter().collect();
+                next.rebind(&touched);
             }
             ResourceType::Cluster => {
                 for name in removed {
@@ -384,6 +393,43 @@ impl Table {
         }
         next.versions.insert(kind, version.to_owned());
         Ok(next)
+    }
+
+    /// Brings `by_key` up to date for the addresses of the listeners that changed: each address is served by
+    /// the first listener (by name) that claims it. Only a removed winner with a rival claimant costs a scan.
+    fn rebind(&mut self, touched: &[Arc<ServiceListener>]) {
+        let mut keys: Vec<ListenKey> = touched.iter().flat_map(|l| l.keys.iter().copied()).collect();
+        keys.sort();
+        keys.dedup();
+        for key in keys {
+            let candidates = touched.iter().filter(|l| l.keys.contains(&key)).map(|l| &l.name);
+            let current = self.by_key.get(&key).map(|l| l.name.clone());
+            // The winner is among the touched listeners that still exist, or the current one if it is untouched.
+            let mut best: Option<Arc<ServiceListener>> = current
+                .as_ref()
+                .filter(|n| !touched.iter().any(|t| &t.name == *n))
+                .and_then(|n| self.listeners.get(n).cloned());
+            for name in candidates {
+                if let Some(l) = self.listeners.get(name).filter(|l| l.keys.contains(&key))
+                    && best.as_ref().is_none_or(|b| l.name < b.name)
+                {
+                    best = Some(l.clone());
+                }
+            }
+            if best.is_none() && current.is_some() {
+                // The winner went: another listener may claim the address too (rare; the control plane gives
+                // each address one listener).
+                best = self.listeners.values().find(|l| l.keys.contains(&key)).cloned();
+            }
+            match best {
+                Some(l) => {
+                    self.by_key.insert(key, l);
+                }
+                None => {
+                    self.by_key.remove(&key);
+                }
+            }
+        }
     }
 
     /// Re-merges settings and endpoints of the named clusters.
@@ -554,6 +600,25 @@ mod tests {
             ]
         );
         assert_eq!(t.versions[&ResourceType::Listener], "v1");
+    }
+
+    #[test]
+    fn addresses_follow_listener_changes_incrementally() {
+        let key = ListenKey { protocol: Protocol::Tcp, addr: "10.96.0.1:80".parse().unwrap() };
+        let a = ("svc/a", tcp_listener("svc/a", "10.96.0.1", 80, "c", "Cluster"));
+        let b = ("svc/b", tcp_listener("svc/b", "10.96.0.1", 80, "c", "Cluster"));
+        let t = apply(&Table::default(), ResourceType::Listener, &[b.clone()]).unwrap();
+        assert_eq!(t.by_key[&key].name, "svc/b");
+        let t = apply(&t, ResourceType::Listener, &[a.clone()]).unwrap();
+        assert_eq!(t.by_key[&key].name, "svc/a", "the first by name serves a shared address");
+        let t = t.apply(ResourceType::Listener, |_| None, &[], &["svc/a".to_owned()], "v").unwrap();
+        assert_eq!(t.by_key[&key].name, "svc/b", "the other claimant takes over");
+        let moved = ("svc/b", tcp_listener("svc/b", "10.96.0.2", 80, "c", "Cluster"));
+        let t = apply(&t, ResourceType::Listener, &[moved]).unwrap();
+        assert!(!t.by_key.contains_key(&key));
+        assert_eq!(t.by_key.len(), 1);
+        let t = t.apply(ResourceType::Listener, |_| None, &[], &["svc/b".to_owned()], "v").unwrap();
+        assert!(t.by_key.is_empty() && t.listeners.is_empty());
     }
 
     #[test]
