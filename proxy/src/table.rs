@@ -607,9 +607,9 @@ mod tests {
         let key = ListenKey { protocol: Protocol::Tcp, addr: "10.96.0.1:80".parse().unwrap() };
         let a = ("svc/a", tcp_listener("svc/a", "10.96.0.1", 80, "c", "Cluster"));
         let b = ("svc/b", tcp_listener("svc/b", "10.96.0.1", 80, "c", "Cluster"));
-        let t = apply(&Table::default(), ResourceType::Listener, &[b.clone()]).unwrap();
+        let t = apply(&Table::default(), ResourceType::Listener, std::slice::from_ref(&b)).unwrap();
         assert_eq!(t.by_key[&key].name, "svc/b");
-        let t = apply(&t, ResourceType::Listener, &[a.clone()]).unwrap();
+        let t = apply(&t, ResourceType::Listener, std::slice::from_ref(&a)).unwrap();
         assert_eq!(t.by_key[&key].name, "svc/a", "the first by name serves a shared address");
         let t = t.apply(ResourceType::Listener, |_| None, &[], &["svc/a".to_owned()], "v").unwrap();
         assert_eq!(t.by_key[&key].name, "svc/b", "the other claimant takes over");

@@ -102,7 +102,9 @@ static DESCRIPTORS: LazyLock<Descriptors> = LazyLock::new(|| {
             let mut fields: Vec<(u32, Step)> = m
                 .fields()
                 .filter_map(|f| match f.kind() {
-                    Kind::Message(inner) if f.is_map() => Some((f.number(), Step::Map(plan_of.get(inner.full_name()).copied()))),
+                    Kind::Message(inner) if f.is_map() => {
+                        Some((f.number(), Step::Map(plan_of.get(inner.full_name()).copied())))
+                    }
                     Kind::Message(inner) => plan_of.get(inner.full_name()).map(|i| (f.number(), Step::Recurse(*i))),
                     _ => None,
                 })
@@ -213,9 +215,8 @@ fn canon_message(plan: usize, input: &[u8], out: &mut Vec<u8>) -> Result<(), Str
                     pos = end;
                     match plan.step(number) {
                         Some(Step::Map(entry_plan)) => {
-                            let buf = scratch.get_or_insert_with(|| {
-                                SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default()
-                            });
+                            let buf = scratch
+                                .get_or_insert_with(|| SCRATCH.with(|s| s.borrow_mut().pop()).unwrap_or_default());
                             let from = buf.len();
                             match entry_plan {
                                 Some(p) => canon_message(p, &input[body..end], buf)?,
