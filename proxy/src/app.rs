@@ -80,7 +80,7 @@ pub struct App {
     client: Option<ClientHandle>,
     stop_listeners: Shutdown,
     stop_admin: Shutdown,
-    manager: tokio::task::JoinHandle<()>,
+    manager: tokio::task::JoinHandle<Manager>,
 }
 
 impl App {
@@ -89,10 +89,14 @@ impl App {
     pub async fn drain(self, deadline: Duration) -> usize {
         self.admin.readiness().set_ready(false);
         self.stop_listeners.trigger();
-        let _ = self.manager.await;
+        let manager = self.manager.await.ok();
         let open = self.shared.conns.open();
         info!(open, "draining: no new connections; waiting for open ones");
         let left = self.shared.conns.wait_idle(deadline).await;
+        // Only now may the Service addresses leave the interface: open connections used them until here.
+        if let Some(mut m) = manager {
+            m.release_interface();
+        }
         if let Some(c) = self.client {
             c.stop().await;
         }
@@ -151,7 +155,10 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let (changes_tx, changes_rx) = watch::channel(0u64);
     let client = match &cfg.source {
         Source::File(path) => {
-            config::load_file(path, &shared)?;
+            if let Err(e) = config::load_file(path, &shared) {
+                stop_admin.trigger();
+                return Err(e.into());
+            }
             changes_tx.send_modify(|g| *g += 1);
             admin.readiness().set_ready(true);
             info!(file = %path.display(), "serving from a snapshot file");
@@ -160,7 +167,10 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         Source::Xds { endpoint, protocol } => {
             let mut c = ClientConfig::new(endpoint.clone(), cfg.node.clone(), client::ROLE_PROXY);
             c.protocol = *protocol;
-            c.validate()?;
+            if let Err(e) = c.validate() {
+                stop_admin.trigger();
+                return Err(e.into());
+            }
             let handle = client::spawn(c, XdsHandler::new(shared.clone(), changes_tx));
             // Ready once every type the proxy needs has been accepted once; empty is an answer too.
             let mut status = handle.status();

@@ -155,29 +155,35 @@ impl Manager {
         self.shared.metrics.listeners.set(self.running.len() as i64);
     }
 
-    /// Stops accepting everywhere (drain); established connections continue.
-    pub fn stop_all(&mut self) {
+    /// Stops accepting everywhere (drain); established connections continue, so the Service addresses stay on
+    /// the interface until [`Manager::release_interface`].
+    pub fn stop_accepting(&mut self) {
         for (_, stop) in std::mem::take(&mut self.running) {
             stop.trigger();
         }
         for (_, stop) in std::mem::take(&mut self.health) {
             stop.trigger();
         }
+        self.shared.metrics.listeners.set(0);
+    }
+
+    /// Takes the Service addresses off the interface (after drain: nothing uses them any more).
+    pub fn release_interface(&mut self) {
         if let Some(iface) = &mut self.iface {
             iface.remove();
         }
-        self.shared.metrics.listeners.set(0);
     }
 }
 
 /// Runs the manager: reconciles on every table change (and every [`RETRY`] while some address failed) until
-/// `stop`, then stops accepting everywhere.
+/// `stop`, then stops accepting everywhere and hands the manager back (its interface still holds the addresses
+/// open connections use, until [`Manager::release_interface`]).
 pub async fn run(
     mut manager: Manager,
     mut changes: watch::Receiver<u64>,
     stop: Shutdown,
     listening: watch::Sender<Vec<ListenKey>>,
-) {
+) -> Manager {
     let mut open = true;
     loop {
         manager.reconcile();
@@ -190,6 +196,7 @@ pub async fn run(
             _ = tokio::time::sleep(RETRY), if retry => {}
         }
     }
-    manager.stop_all();
+    manager.stop_accepting();
     listening.send_replace(Vec::new());
+    manager
 }

@@ -65,9 +65,10 @@ impl Interface {
     pub fn sync(&mut self, wanted: &BTreeSet<IpAddr>) -> Result<(), NetifError> {
         let wanted: BTreeSet<IpAddr> = wanted.iter().copied().filter(needs_interface).collect();
         if !self.created && !wanted.is_empty() {
-            // It may exist from an earlier run: flush it so stale addresses go.
-            if ip(&self.name, &["link", "add", &self.name, "type", "dummy"]).is_err() {
-                ip(&self.name, &["addr", "flush", "dev", &self.name])?;
+            // It may exist from an earlier run (or be made by the operator where the kernel has no dummy
+            // interfaces): then adopt it, flushing stale addresses.
+            if let Err(e) = ip(&self.name, &["link", "add", &self.name, "type", "dummy"]) {
+                ip(&self.name, &["addr", "flush", "dev", &self.name]).map_err(|_| e)?;
             }
             ip(&self.name, &["link", "set", &self.name, "up"])?;
             self.created = true;

@@ -7,19 +7,25 @@
 //! - [`http`]: a tiny HTTP/1.1 client that sends any `Host` to any address.
 //! - [`envoy`]: finding the Envoy binary and running it from a generated ADS bootstrap.
 //! - [`net`]: free ports on loopback addresses.
+//! - [`l4`]: TCP and UDP echo servers that name themselves (stand-in Pods for the L4 proxy) and their clients.
+//! - [`netns`]: network namespaces (node, Pods, client) with a guard that deletes them, for tests run as root.
 //!
-//! Every address used is in 127.0.0.0/8; every process started is killed by its PID when its guard drops.
+//! Every address used is in 127.0.0.0/8, or inside network namespaces a test created; every process started is
+//! killed by its PID when its guard drops.
 
 pub mod echo;
 pub mod envoy;
 pub mod http;
+pub mod l4;
 pub mod net;
+pub mod netns;
 pub mod process;
 pub mod wait;
 
 pub use echo::EchoBackend;
 pub use envoy::{Ads, Envoy, EnvoyConfig, Role, find_envoy};
 pub use http::{Reply, http_get};
+pub use l4::{Answer, Conn, TcpEcho, UdpEcho};
 pub use net::free_port;
 pub use process::{Process, wait_for_line, workspace_bin};
 pub use wait::eventually;

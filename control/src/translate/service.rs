@@ -150,14 +150,30 @@ pub fn translate(store: &Store, key: &NsName) -> ServiceOut {
         return out;
     }
     let me = ObjectRef::new(Kind::Service, &key.namespace, &key.name);
-    let spec = svc.spec.clone().unwrap_or_default();
-    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let mut spec = svc.spec.clone().unwrap_or_default();
+    let type_owned = spec.type_.clone().unwrap_or_else(|| "ClusterIP".to_owned());
+    let type_ = type_owned.as_str();
     match type_ {
         "ExternalName" => return out,
         "ClusterIP" | "NodePort" | "LoadBalancer" => {}
         other => {
             out.problems.push(Problem::new(me, format!("unknown spec.type {other:?}; Service skipped")));
             return out;
+        }
+    }
+    // The API server accepts only these; a manifest folder does not check. Anything else would make every proxy
+    // reject the push, so it is reported and the default used.
+    for (field, value) in [
+        ("internalTrafficPolicy", &mut spec.internal_traffic_policy),
+        ("externalTrafficPolicy", &mut spec.external_traffic_policy),
+    ] {
+        if let Some(v) = value.as_deref()
+            && v != "Cluster"
+            && v != "Local"
+        {
+            out.problems
+                .push(Problem::new(me.clone(), format!("spec.{field} {v:?} is not Cluster or Local; Cluster is used")));
+            *value = None;
         }
     }
     let addrs = Addresses::of(svc, &spec, type_, &me, &mut out.problems);

@@ -375,7 +375,13 @@ fn bad_services_are_reported_and_the_rest_translates() {
         svc("weird", json!({"type": "Magic", "clusterIP": "10.96.0.11", "ports": [{"port": 80}]})),
         svc("nonp", json!({"type": "NodePort", "clusterIP": "10.96.0.12", "ports": [{"port": 80}]})),
         svc("good", json!({"clusterIP": "10.96.0.13", "ports": [{"port": 80}]})),
+        svc(
+            "policy",
+            json!({"clusterIP": "10.96.0.14", "internalTrafficPolicy": "Sometimes", "ports": [{"port": 80}]}),
+        ),
     ]);
+    let l: Listener = decode(&s.proxy, ResourceType::Listener, "svc/ns/policy/80@10.96.0.14");
+    assert_eq!(meta::get_str(l.metadata.as_ref(), meta::TRAFFIC_POLICY), Some("Cluster"));
     for want in [
         "Service ns/noip: spec.clusterIP is not set",
         "Service ns/badip: spec.clusterIPs entry \"10.96.0.300\" is not an IP address",
@@ -383,6 +389,7 @@ fn bad_services_are_reported_and_the_rest_translates() {
         "Service ns/dup: port a is defined twice",
         "Service ns/weird: unknown spec.type \"Magic\"",
         "Service ns/nonp: port 80: type NodePort without a valid nodePort",
+        "Service ns/policy: spec.internalTrafficPolicy \"Sometimes\" is not Cluster or Local; Cluster is used",
     ] {
         assert!(has_problem(&s, want), "missing {want:?} in {:?}", problems(&s));
     }
