@@ -11,9 +11,9 @@
 #
 # Binaries: $MESH_BIN_DIR if set, else <repo>/target/release (or $CARGO_TARGET_DIR/release).
 # Build them first:  cargo build --release -p mesh-proxy -p mesh-control --bins
-# WORKERS (the harness gives the peers' worker count, 1 by default) becomes TOKIO_WORKER_THREADS, the
-# worker threads of mesh-proxy's Tokio runtime, so it is compared per worker like the peers. Set
-# TOKIO_WORKER_THREADS yourself to override (unset WORKERS and TOKIO_WORKER_THREADS: one worker per core).
+# WORKERS (the harness gives the peers' worker count, 1 by default) becomes mesh-proxy's --workers (its
+# serving threads; 1 = a single-threaded runtime), so it is compared per worker like the peers. Unset: one
+# worker per core.
 # Extra flags for mesh-proxy can be given in MESH_PROXY_ARGS (e.g. '--lb round-robin').
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -73,6 +73,6 @@ endpoints:
     nodeName: bench
 YAML
 "$bin/meshctl" --log warn snapshot --manifests "$dir/manifests" --role proxy > "$dir/snapshot.json"
-[[ -n ${TOKIO_WORKER_THREADS:-} || -z ${WORKERS:-} ]] || export TOKIO_WORKER_THREADS=$WORKERS
 # shellcheck disable=SC2086
-exec "$bin/mesh-proxy" --snapshot "$dir/snapshot.json" --node bench --admin-addr 127.0.0.1:0 --log warn ${MESH_PROXY_ARGS:-}
+exec "$bin/mesh-proxy" --snapshot "$dir/snapshot.json" --node bench --admin-addr 127.0.0.1:0 --log warn \
+  --workers "${WORKERS:-0}" ${MESH_PROXY_ARGS:-}
