@@ -33,8 +33,8 @@ fn cluster(n: usize, affinity: Option<Duration>) -> Cluster {
         .map(|i| Endpoint {
             addr: SocketAddr::new(IpAddr::V4(common::pod_ip(0, n, i)), 8080),
             health: Health::Ready,
-            node: format!("node-{:04}", i % 1000),
-            zone: format!("zone-{}", i % 3),
+            node: format!("node-{:04}", i % 1000).into(),
+            zone: format!("zone-{}", i % 3).into(),
             for_zones: Vec::new(),
             stats: Arc::default(),
         })
