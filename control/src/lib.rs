@@ -10,4 +10,5 @@ pub mod routes;
 pub mod source;
 pub mod store;
 pub mod translate;
+pub mod up;
 pub mod xds;

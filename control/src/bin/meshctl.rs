@@ -85,13 +85,40 @@ enum Command {
         #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
         ingress_class: String,
     },
-    /// Start the whole local mesh from a manifest folder.
+    /// Start the whole local mesh from a manifest folder: mesh-control, mesh-proxy, mesh-ingress and demo Pods
+    /// on loopback. Ctrl-C stops it.
     Up {
-        /// The manifest folder.
+        /// The manifest folder (addresses in 127.0.0.0/8). Default: ./examples/shop if it exists, else a copy of
+        /// it built into meshctl, written to a temporary folder.
         #[arg(short = 'f', long)]
-        file: PathBuf,
+        file: Option<PathBuf>,
+        /// The node the proxy plays (Local traffic policies keep this node's endpoints).
+        #[arg(long, env = "MESH_NODE", default_value = "node-a")]
+        node: String,
+        /// Where mesh-control, mesh-proxy and mesh-ingress are. Default: next to meshctl.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// The IngressClass mesh-ingress serves.
+        #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
+        ingress_class: String,
+        /// `namespace/name` of the Service in front of mesh-ingress: its endpoints are where mesh-ingress listens.
+        #[arg(long, default_value = "mesh-system/mesh-ingress")]
+        ingress_service: String,
     },
 }
+
+/// `examples/shop`, built in: `meshctl up` with no folder runs it.
+const EXAMPLE: [(&str, &str); 9] = [
+    ("api.yaml", include_str!("../../../examples/shop/api.yaml")),
+    ("dns.yaml", include_str!("../../../examples/shop/dns.yaml")),
+    ("ingress-service.yaml", include_str!("../../../examples/shop/ingress-service.yaml")),
+    ("ingress.yaml", include_str!("../../../examples/shop/ingress.yaml")),
+    ("ingressclass.yaml", include_str!("../../../examples/shop/ingressclass.yaml")),
+    ("legacy.yaml", include_str!("../../../examples/shop/legacy.yaml")),
+    ("notfound.yaml", include_str!("../../../examples/shop/notfound.yaml")),
+    ("tls.yaml", include_str!("../../../examples/shop/tls.yaml")),
+    ("web.yaml", include_str!("../../../examples/shop/web.yaml")),
+];
 
 fn offline(dir: &Path) -> anyhow::Result<Snapshot> {
     let loaded = load_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
@@ -182,8 +209,36 @@ fn main() -> anyhow::Result<()> {
             let doc = xds_proto::snapshot_file::to_json(&role_name, items.iter().map(|(t, b)| (*t, &b[..])))?;
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
-        Command::Up { .. } => {
-            bail!("meshctl up is not built yet: it needs mesh-proxy and mesh-ingress, which are not built yet");
+        Command::Up { file, node, bin_dir, ingress_class, ingress_service } => {
+            let _embedded;
+            let dir = match file {
+                Some(dir) => dir,
+                None if Path::new("examples/shop").is_dir() => PathBuf::from("examples/shop"),
+                None => {
+                    let tmp = tempfile::tempdir().context("making a folder for the built-in example")?;
+                    for (name, text) in EXAMPLE {
+                        std::fs::write(tmp.path().join(name), text)?;
+                    }
+                    println!("using the built-in example, written to {}", tmp.path().display());
+                    let dir = tmp.path().to_owned();
+                    _embedded = tmp;
+                    dir
+                }
+            };
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()?.parent().context("meshctl has no folder")?.to_owned(),
+            };
+            let cfg = mesh_control::up::UpConfig { dir, bin_dir, node, ingress_class, ingress_service };
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+                let until = async {
+                    if let Err(e) = mesh_runtime::shutdown::signal().await {
+                        eprintln!("cannot wait for Ctrl-C: {e}");
+                        std::future::pending::<()>().await;
+                    }
+                };
+                mesh_control::up::run(cfg, until).await
+            })?;
         }
     }
     Ok(())
