@@ -423,10 +423,24 @@ pub async fn run(cfg: UpConfig, until: impl std::future::Future<Output = ()>) ->
                 if let Some(https) = plan_now.ingress_https {
                     args.extend(["--https-addr".into(), https.to_string()]);
                 }
-                let ingress = start("mesh-ingress", &ingress_bin, &args).await?;
-                ready("mesh-ingress", &ingress.addr("admin").context("mesh-ingress printed no admin= address")?)
-                    .await?;
-                children.push(ingress);
+                // The L4 half of the mesh is worth running on its own: an ingress that cannot start is reported,
+                // not fatal.
+                match start("mesh-ingress", &ingress_bin, &args).await {
+                    Ok(mut ingress) => match ingress.addr("admin") {
+                        Some(admin) => match ready("mesh-ingress", &admin).await {
+                            Ok(()) => children.push(ingress),
+                            Err(e) => {
+                                stop(&mut ingress, Duration::from_secs(5)).await;
+                                println!("(mesh-ingress did not become ready: {e:#}; running without it)");
+                            }
+                        },
+                        None => {
+                            stop(&mut ingress, Duration::from_secs(5)).await;
+                            println!("(mesh-ingress printed no admin= address; running without it)");
+                        }
+                    },
+                    Err(e) => println!("(mesh-ingress did not start: {e:#}; running without it)"),
+                }
             }
             (None, _) => println!(
                 "(no Service {} with an `http` port in the folder: mesh-ingress not started)",
