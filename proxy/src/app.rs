@@ -167,6 +167,8 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         Source::Xds { endpoint, protocol } => {
             let mut c = ClientConfig::new(endpoint.clone(), cfg.node.clone(), client::ROLE_PROXY);
             c.protocol = *protocol;
+            // The handler converts each resource once and keeps only its own tables (see XdsHandler).
+            c.keep_bodies = false;
             if let Err(e) = c.validate() {
                 stop_admin.trigger();
                 return Err(e.into());

@@ -166,9 +166,9 @@ pub struct Table {
     /// Clusters by name (Cluster and ClusterLoadAssignment merged).
     pub clusters: imbl::HashMap<String, Arc<Cluster>>,
     /// Cluster settings as received (kept to merge with endpoints arriving separately).
-    settings: imbl::HashMap<String, ClusterSettings>,
+    settings: imbl::OrdMap<String, ClusterSettings>,
     /// Endpoints as received.
-    assignments: imbl::HashMap<String, Arc<[Endpoint]>>,
+    assignments: imbl::OrdMap<String, Arc<[Endpoint]>>,
     /// The accepted version of each resource type.
     pub versions: BTreeMap<ResourceType, String>,
 }
