@@ -56,6 +56,10 @@ struct Args {
     /// On SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, env = "MESH_DRAIN_S", default_value_t = 30)]
     drain_s: u64,
+    /// Keep the last configuration accepted from the control plane in this folder, and start from it when the
+    /// control plane cannot be reached (a node restart during a control-plane outage keeps serving).
+    #[arg(long, env = "MESH_STATE_DIR", requires = "xds")]
+    state_dir: Option<PathBuf>,
     /// Threads that serve connections (0: one per core). With 1, a single-threaded runtime: no work-stealing
     /// queues or cross-thread wake-ups, which is what one core is fastest with.
     #[arg(long, env = "MESH_WORKERS", default_value_t = 0)]
@@ -102,6 +106,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         interface: args.interface,
         logging: Some(logging),
+        state_dir: args.state_dir,
     };
     let app = app::build(cfg).await.context("starting mesh-proxy")?;
     // One machine-readable line a supervisor or test can wait for.

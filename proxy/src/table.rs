@@ -424,6 +424,16 @@ impl Table {
         Ok(next)
     }
 
+    /// The names of one type's resources in the table.
+    pub fn names(&self, kind: ResourceType) -> Vec<String> {
+        match kind {
+            ResourceType::Listener => self.listeners.keys().cloned().collect(),
+            ResourceType::Cluster => self.settings.keys().cloned().collect(),
+            ResourceType::ClusterLoadAssignment => self.assignments.keys().cloned().collect(),
+            ResourceType::RouteConfiguration | ResourceType::Secret => Vec::new(),
+        }
+    }
+
     /// Brings `by_key` up to date for the addresses of the listeners that changed: each address is served by
     /// the first listener (by name) that claims it. Only a removed winner with a rival claimant costs a scan.
     fn rebind(&mut self, touched: &[Arc<ServiceListener>]) {

@@ -305,6 +305,7 @@ fn proxy_config(source: Source) -> proxy::Config {
         data: DataConfig::default(),
         interface: None,
         logging: None,
+        state_dir: None,
     }
 }
 
