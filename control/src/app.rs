@@ -51,7 +51,7 @@ pub enum SourceConfig {
         debounce: Duration,
     },
     /// The Kubernetes API.
-    Kubernetes(kubernetes::Settings),
+    Kubernetes(Box<kubernetes::Settings>),
 }
 
 /// How to run the control plane.

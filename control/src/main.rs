@@ -89,7 +89,9 @@ async fn main() -> anyhow::Result<()> {
         (Some(dir), _) => {
             app::SourceConfig::Manifests { dir: dir.clone(), debounce: Duration::from_millis(args.debounce_ms) }
         }
-        (None, kubeconfig) => app::SourceConfig::Kubernetes(kube_settings(&args, kubeconfig.as_deref()).await?),
+        (None, kubeconfig) => {
+            app::SourceConfig::Kubernetes(Box::new(kube_settings(&args, kubeconfig.as_deref()).await?))
+        }
     };
     let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     let tls = match (&args.xds_tls_cert, &args.xds_tls_key) {

@@ -112,6 +112,8 @@ pub struct ApiCall {
     pub resource: String,
     /// The namespace of the request; `None` for cluster-wide requests.
     pub namespace: Option<String>,
+    /// Which client made it (see [`FakeApi::partitioned_client`]; `default` otherwise).
+    pub client: String,
 }
 
 #[derive(Debug)]
@@ -129,6 +131,7 @@ struct Watcher {
     namespace: Option<String>,
     selector: Selector,
     tx: mpsc::UnboundedSender<Bytes>,
+    client: String,
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +147,9 @@ struct State {
     down: bool,
     failing: BTreeSet<&'static str>,
     lists: BTreeMap<&'static str, usize>,
+    /// resource → the `resourceVersion` of each watch request, in order.
+    watch_from: BTreeMap<&'static str, Vec<String>>,
+    refused: usize,
     uid: u64,
 }
 
@@ -151,19 +157,38 @@ struct State {
 #[derive(Debug, Clone, Default)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
-    /// This handle's partition switch (see [`FakeApi::partitioned_client`]).
+    /// This handle's name and partition switch (see [`FakeApi::partitioned_client`]).
+    link: Arc<Link>,
+}
+
+#[derive(Debug)]
+struct Link {
+    name: String,
     cut: Arc<AtomicBool>,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link { name: "default".into(), cut: Arc::default() }
+    }
 }
 
 /// Cuts one client off the fake (requests fail as refused connections, open watches end), as a network partition
 /// between one replica and the API server.
 #[derive(Debug, Clone)]
-pub struct Partition(Arc<AtomicBool>);
+pub struct Partition {
+    state: Arc<Mutex<State>>,
+    link: Arc<Link>,
+}
 
 impl Partition {
-    /// Cuts (`true`) or heals (`false`) the link.
+    /// Cuts (`true`: requests are refused and the client's open watches end) or heals (`false`) the link.
     pub fn set(&self, cut: bool) {
-        self.0.store(cut, Ordering::SeqCst);
+        self.link.cut.store(cut, Ordering::SeqCst);
+        if cut {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.watchers.retain(|w| w.client != self.link.name);
+        }
     }
 }
 
@@ -388,11 +413,11 @@ impl FakeApi {
         kube::Client::new(self.clone(), "default")
     }
 
-    /// A client that can be cut off from the server on its own.
-    pub fn partitioned_client(&self) -> (kube::Client, Partition) {
-        let handle = FakeApi { state: self.state.clone(), cut: Arc::new(AtomicBool::new(false)) };
-        let p = Partition(handle.cut.clone());
-        (kube::Client::new(handle, "default"), p)
+    /// A client whose requests are recorded under `name`, and that can be cut off from the server on its own.
+    pub fn partitioned_client(&self, name: &str) -> (kube::Client, Partition) {
+        let link = Arc::new(Link { name: name.to_owned(), cut: Arc::new(AtomicBool::new(false)) });
+        let p = Partition { state: self.state.clone(), link: link.clone() };
+        (kube::Client::new(FakeApi { state: self.state.clone(), link }, "default"), p)
     }
 
     /// Creates or replaces an object (`apiVersion`, `kind`, `metadata.name` required; `metadata.namespace`
@@ -472,6 +497,21 @@ impl FakeApi {
         self.lock().lists.get(plural).copied().unwrap_or(0)
     }
 
+    /// The `resourceVersion` each watch of a resource asked to start from, in order.
+    pub fn watch_versions(&self, plural: &str) -> Vec<String> {
+        self.lock().watch_from.get(plural).cloned().unwrap_or_default()
+    }
+
+    /// How many requests were refused while the server was down or a client cut off.
+    pub fn refused(&self) -> usize {
+        self.lock().refused
+    }
+
+    /// The current resourceVersion of the server.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
     /// How many watches of a resource are open.
     pub fn watches(&self, plural: &str) -> usize {
         self.lock().watchers.iter().filter(|w| w.res.plural == plural && !w.tx.is_closed()).count()
@@ -537,6 +577,7 @@ impl FakeApi {
                 None => t.res.plural.to_owned(),
             },
             namespace: t.namespace.clone(),
+            client: self.link.name.clone(),
         });
         if t.res.namespaced && t.namespace.is_none() && !matches!(verb, "list" | "watch") {
             return error(404, "NotFound", "namespaced resource requested without a namespace");
@@ -584,6 +625,9 @@ impl FakeApi {
             }
             "watch" => {
                 let (tx, rx) = mpsc::unbounded_channel();
+                let client = self.link.name.clone();
+                let asked = q.get("resourceVersion").cloned().unwrap_or_default();
+                s.watch_from.entry(t.res.plural).or_default().push(asked);
                 let from = q.get("resourceVersion").and_then(|v| v.parse::<u64>().ok()).filter(|v| *v > 0);
                 match from {
                     Some(from) if from < s.compacted => {
@@ -598,7 +642,7 @@ impl FakeApi {
                                 let _ = tx.send(e.line.clone());
                             }
                         }
-                        s.watchers.push(Watcher { res: t.res, namespace: t.namespace.clone(), selector, tx });
+                        s.watchers.push(Watcher { res: t.res, namespace: t.namespace.clone(), selector, tx, client });
                     }
                     None => {
                         // "Any version": the current state as ADDED events, then changes.
@@ -608,7 +652,7 @@ impl FakeApi {
                                 let _ = tx.send(Bytes::from(format!("{line}\n")));
                             }
                         }
-                        s.watchers.push(Watcher { res: t.res, namespace: t.namespace.clone(), selector, tx });
+                        s.watchers.push(Watcher { res: t.res, namespace: t.namespace.clone(), selector, tx, client });
                     }
                 }
                 let stream = UnboundedReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
@@ -733,17 +777,13 @@ impl tower_service::Service<Request<kube::client::Body>> for FakeApi {
         let me = self.clone();
         Box::pin(async move {
             let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "fake API server is down");
-            if me.cut.load(Ordering::SeqCst) || me.lock().down {
+            if me.link.cut.load(Ordering::SeqCst) || me.lock().down {
+                me.lock().refused += 1;
                 return Err(refused());
             }
             let (parts, body) = req.into_parts();
             let body = body.collect().await.map(|b| b.to_bytes()).map_err(|e| std::io::Error::other(e.to_string()))?;
-            let cut = me.cut.clone();
-            let resp = me.handle(parts, body);
-            if !cut.load(Ordering::SeqCst) {
-                return Ok(resp);
-            }
-            Err(refused())
+            Ok(me.handle(parts, body))
         })
     }
 }

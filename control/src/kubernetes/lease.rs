@@ -51,7 +51,7 @@ pub struct LeaseSettings {
     pub namespace: String,
     /// Our identity in `holderIdentity` (the Pod name).
     pub identity: String,
-    /// How long a Lease not renewed stays held by its holder.
+    /// How long a Lease not renewed stays held by its holder (written in whole seconds, rounded up).
     pub lease_duration: Duration,
     /// A leader that could not renew for this long steps down; shorter than `lease_duration`.
     pub renew_deadline: Duration,
@@ -160,8 +160,10 @@ fn now() -> MicroTime {
     MicroTime(k8s_openapi::jiff::Timestamp::now())
 }
 
+/// Whole seconds for `leaseDurationSeconds`, rounded up: others must never wait less than we assume.
 fn secs(d: Duration) -> i32 {
-    i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
+    let whole = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    i32::try_from(whole.max(1)).unwrap_or(i32::MAX)
 }
 
 impl Elector {

@@ -12,6 +12,9 @@
 //! [`Update::Relist`]: crate::source::Update::Relist
 //! [`Update::Synced`]: crate::source::Update::Synced
 
+#[cfg(any(test, feature = "fake-api"))]
+pub mod rbac;
+
 pub mod lease;
 pub mod status;
 pub mod watch;

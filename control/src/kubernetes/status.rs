@@ -255,7 +255,7 @@ mod tests {
         assert!(Publish::service("mesh-ingress").is_err());
         assert!(Publish::service("a/b/c").is_err());
         let out = published(&Store::new(), &Publish::Addresses(vec!["lb.example.com".into(), "10.0.0.1".into()]));
-        assert_eq!(out[0].ip.as_deref(), Some("10.0.0.1"));
-        assert_eq!(out[1].hostname.as_deref(), Some("lb.example.com"));
+        assert_eq!(out[0].hostname.as_deref(), Some("lb.example.com"));
+        assert_eq!(out[1].ip.as_deref(), Some("10.0.0.1"));
     }
 }
