@@ -1,4 +1,4 @@
-//! Kubernetes RBAC evaluation, enough to check `deploy/rbac.yaml` against the calls the control plane makes
+//! Kubernetes RBAC evaluation, enough to check `deploy/10-rbac.yaml` against the calls the control plane makes
 //! (recorded by the [`super::fake`] API): every call must be allowed, and every grant must be used, so the
 //! manifests stay least-privilege as the code changes.
 //!

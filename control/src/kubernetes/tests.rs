@@ -449,11 +449,11 @@ async fn only_the_leader_writes_status_and_a_lease_not_renewed_hands_over() {
     check_rbac(&fake.calls());
 }
 
-/// The RBAC in `deploy/rbac.yaml` allows every call the control plane made, and grants nothing it did not use.
+/// The RBAC in `deploy/10-rbac.yaml` allows every call the control plane made, and grants nothing it did not use.
 fn check_rbac(calls: &[ApiCall]) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/10-rbac.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let rbac = super::rbac::Rules::parse(&text, "mesh-control").unwrap();
     let unused = rbac.check(calls).unwrap_or_else(|e| panic!("{e}"));
-    assert!(unused.is_empty(), "deploy/rbac.yaml grants what the control plane never calls: {unused:?}");
+    assert!(unused.is_empty(), "deploy/10-rbac.yaml grants what the control plane never calls: {unused:?}");
 }
