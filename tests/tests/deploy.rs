@@ -51,9 +51,8 @@ fn validator() -> Option<Vec<String>> {
     if let Ok(bin) = std::env::var("MESH_KUBE_VALIDATE_BIN") {
         return Some(vec![bin]);
     }
-    let works = |cmd: &[&str]| {
-        Command::new(cmd[0]).args(&cmd[1..]).arg("--version").output().is_ok_and(|o| o.status.success())
-    };
+    let works =
+        |cmd: &[&str]| Command::new(cmd[0]).args(&cmd[1..]).arg("--version").output().is_ok_and(|o| o.status.success());
     if works(&["kubernetes-validate"]) {
         return Some(vec!["kubernetes-validate".into()]);
     }
@@ -109,8 +108,13 @@ fn manifests_agree_with_the_code() {
     let proxy = &find(&docs, "DaemonSet", "mesh-proxy")["spec"]["template"]["spec"];
     assert_eq!(proxy["hostNetwork"], true);
     let c = &proxy["containers"][0];
-    assert!(c["env"].as_array().unwrap().iter().any(|e| e["name"] == "NODE_NAME"
-        && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"));
+    assert!(
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "NODE_NAME" && e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName")
+    );
     assert_eq!(c["securityContext"]["capabilities"]["add"], serde_json::json!(["NET_ADMIN", "NET_BIND_SERVICE"]));
 
     // The ingress Service is the one control publishes into Ingress status.

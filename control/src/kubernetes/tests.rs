@@ -334,6 +334,26 @@ async fn dropped_connections_are_retried_with_backoff_and_resume() {
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_namespace_restriction_reads_only_that_namespace() {
+    let fake = FakeApi::new();
+    cluster(&fake);
+    let mut elsewhere = service("web", "10.96.9.9");
+    elsewhere["metadata"]["namespace"] = json!("other");
+    fake.apply(elsewhere);
+    let mut s = settings(fake.client(), None);
+    s.namespace = Some("shop".into());
+    let app = start(s).await;
+    eventually("the first snapshot", || latest(&app).is_some()).await;
+    assert_eq!(names(&app, ResourceType::Listener), ["svc/shop/web/http@10.96.0.10"]);
+    for c in fake.calls() {
+        let cluster_scoped = c.resource == "nodes" || c.resource == "ingressclasses";
+        let want = if cluster_scoped { None } else { Some("shop") };
+        assert_eq!(c.namespace.as_deref(), want, "{c:?}");
+    }
+    app.stop().await;
+}
+
 /// Two replicas, one Lease: fast timing (the Lease holds whole seconds) so a handover takes about two seconds.
 fn status_settings(identity: &str) -> StatusSettings {
     let mut lease = LeaseSettings::new("mesh-control", LEASE_NS, identity);
