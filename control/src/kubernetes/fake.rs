@@ -146,6 +146,8 @@ struct State {
     calls: Vec<ApiCall>,
     down: bool,
     failing: BTreeSet<&'static str>,
+    /// Answer a watch from a compacted version with HTTP 410 instead of an ERROR event.
+    gone_as_http: bool,
     lists: BTreeMap<&'static str, usize>,
     /// resource → the `resourceVersion` of each watch request, in order.
     watch_from: BTreeMap<&'static str, Vec<String>>,
@@ -476,6 +478,12 @@ impl FakeApi {
         }
     }
 
+    /// Answers a watch from a compacted resourceVersion with HTTP `410` (`true`) instead of a `200` stream holding
+    /// one `ERROR` event (the default, what a kube-apiserver does); some API servers and proxies do the former.
+    pub fn gone_as_http(&self, http: bool) {
+        self.lock().gone_as_http = http;
+    }
+
     /// Makes lists and watches of one resource (`services`, `ingresses`, ...) answer `500` (`true`), or not.
     pub fn fail(&self, plural: &str, failing: bool) {
         let Some(res) = RESOURCES.iter().find(|r| r.plural == plural) else { return };
@@ -630,6 +638,9 @@ impl FakeApi {
                 s.watch_from.entry(t.res.plural).or_default().push(asked);
                 let from = q.get("resourceVersion").and_then(|v| v.parse::<u64>().ok()).filter(|v| *v > 0);
                 match from {
+                    Some(from) if from < s.compacted && s.gone_as_http => {
+                        return error(410, "Expired", format!("too old resource version: {from} ({})", s.compacted));
+                    }
                     Some(from) if from < s.compacted => {
                         let gone =
                             status(410, "Expired", format!("too old resource version: {from} ({})", s.compacted));

@@ -283,7 +283,17 @@ async fn a_closed_watch_resumes_from_the_last_resource_version() {
 
 #[tokio::test]
 async fn gone_forces_a_relist_that_drops_what_was_deleted_in_the_gap() {
+    gone_forces_a_relist(false).await;
+}
+
+#[tokio::test]
+async fn gone_as_the_http_status_of_a_watch_also_forces_a_relist() {
+    gone_forces_a_relist(true).await;
+}
+
+async fn gone_forces_a_relist(gone_as_http: bool) {
     let fake = FakeApi::new();
+    fake.gone_as_http(gone_as_http);
     cluster(&fake);
     fake.apply(service("api", "10.96.0.20"));
     fake.apply(slice("api", "10.0.1.1", "node-a"));

@@ -2,7 +2,8 @@
 //!
 //! `kube-runtime`'s [`watcher`] does the protocol: list (paginated), then watch from the list's
 //! `resourceVersion`, resume from the last seen `resourceVersion` when the server closes a watch (its timeout, an
-//! API server restart), and relist when told `410 Gone`. Each (re)list arrives as `Init`, `InitApply`...,
+//! API server restart), and relist when told `410 Gone` (as a watch `ERROR` event; we add the relist for a `410`
+//! answered to the watch request itself, which `kube-runtime` would retry forever). Each (re)list arrives as `Init`, `InitApply`...,
 //! `InitDone`; we buffer it and send it as one [`Update::Relist`], which replaces that kind in the store, so an
 //! object deleted during the gap disappears and nothing is counted twice. Errors (dropped connections, a down
 //! API server, 5xx) are logged and retried after a jittered exponential [`Backoff`].
@@ -112,12 +113,21 @@ impl Runner {
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         K: Into<Trimmed>,
     {
-        let mut stream = watcher(api, config).backoff(Backoff::new(self.backoff)).boxed();
+        let mut stream = watcher(api.clone(), config.clone()).backoff(Backoff::new(self.backoff)).boxed();
         let mut buffer: Option<Vec<Object>> = None;
         let mut first = true;
         let mut failing = false;
         while let Some(event) = stream.next().await {
             let update = match event {
+                // `410 Gone` as the HTTP status of the watch request itself (an API server without watch cache,
+                // or a proxy in front of it), rather than as an ERROR event in the stream: `kube-runtime` would
+                // retry the same stale resourceVersion forever. Start a fresh watcher instead: it relists.
+                Err(watcher::Error::WatchStartFailed(kube::Error::Api(s))) if s.code == 410 => {
+                    warn!(%kind, "watch answered 410 Gone; relisting");
+                    stream = watcher(api.clone(), config.clone()).backoff(Backoff::new(self.backoff)).boxed();
+                    buffer = None;
+                    continue;
+                }
                 Ok(watcher::Event::Init) => {
                     buffer = Some(Vec::new());
                     None
