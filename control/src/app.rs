@@ -108,7 +108,10 @@ impl App {
 }
 
 /// Starts the source: its updates arrive on the returned channel; the guard stops it when dropped.
-fn start_source(cfg: &SourceConfig) -> Result<(mpsc::Receiver<Update>, Box<dyn std::any::Any + Send>), AppError> {
+fn start_source(
+    cfg: &SourceConfig,
+    metrics: &kubernetes::KubeMetrics,
+) -> Result<(mpsc::Receiver<Update>, Box<dyn std::any::Any + Send>), AppError> {
     let (tx, rx) = mpsc::channel(1024);
     match cfg {
         SourceConfig::Manifests { dir, debounce } => {
@@ -122,7 +125,9 @@ fn start_source(cfg: &SourceConfig) -> Result<(mpsc::Receiver<Update>, Box<dyn s
             });
             Ok((rx, Box::new((handle, AbortOnDrop(forward)))))
         }
-        SourceConfig::Kubernetes(settings) => Ok((rx, Box::new(kubernetes::watch::spawn(settings, tx)))),
+        SourceConfig::Kubernetes(settings) => {
+            Ok((rx, Box::new(kubernetes::watch::spawn(settings, tx, metrics.clone()))))
+        }
     }
 }
 
@@ -142,12 +147,16 @@ const MAX_BATCH: usize = 4096;
 /// Starts the control plane: loads the sources (failing if they cannot be read at all), then keeps the snapshot
 /// current as they change.
 pub async fn build(cfg: Config) -> Result<App, AppError> {
-    let (mut updates, source_guard) = start_source(&cfg.source)?;
+    let kube_metrics = kubernetes::KubeMetrics::default();
+    let (mut updates, source_guard) = start_source(&cfg.source, &kube_metrics)?;
     let (tx, rx) = watch::channel(None);
     let shutdown = Shutdown::new();
     let metrics = XdsMetrics::default();
     let registry = Metrics::new();
     registry.with_registry(|r| metrics.register(r));
+    if matches!(cfg.source, SourceConfig::Kubernetes(_)) {
+        registry.with_registry(|r| kube_metrics.register(r));
+    }
     let xds = XdsServer::new(rx.clone(), cfg.xds.clone(), metrics.clone());
     let mut admin = Admin::builder().metrics(registry).config_dump(config_dump(rx.clone())).route("/debug/clients", {
         let xds = xds.clone();
@@ -167,9 +176,11 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     if let SourceConfig::Kubernetes(k) = &cfg.source
         && let Some(st) = &k.status
     {
-        let (lead, elector) = kubernetes::lease::spawn(k.client.clone(), st.lease.clone(), shutdown.clone());
+        let (lead, elector) =
+            kubernetes::lease::spawn(k.client.clone(), st.lease.clone(), shutdown.clone(), kube_metrics.clone());
         let (view_tx, view_rx) = watch::channel(None);
-        let writer = status::spawn(k.client.clone(), view_rx, lead.clone(), st.retry, shutdown.clone());
+        let writer =
+            status::spawn(k.client.clone(), view_rx, lead.clone(), st.retry, shutdown.clone(), kube_metrics.clone());
         helpers.extend([elector, writer]);
         leadership = Some(lead);
         status_out = Some((st.publish.clone(), view_tx));

@@ -78,6 +78,17 @@ async fn mesh_control_watches_a_cluster_through_a_kubeconfig() -> anyhow::Result
             .and_then(|l| l.pointer("/spec/holderIdentity").and_then(Value::as_str).map(str::to_owned))
     };
     anyhow::ensure!(holder(&fake).as_deref() == Some("e2e"), "lease {:?}", holder(&fake));
+    // What it did shows in /metrics.
+    let metrics = mesh_tests::http_get(admin.parse()?, "localhost", "/metrics").await?.body;
+    for want in [
+        "mesh_leader 1",
+        "mesh_kube_lists_total{kind=\"Ingress\"} 1",
+        "mesh_ingress_status_writes_total{result=\"ok\"} 1",
+    ] {
+        anyhow::ensure!(metrics.contains(want), "/metrics lacks {want:?}:\n{metrics}");
+    }
+    let errors = metrics.lines().find(|l| l.starts_with("mesh_kube_watch_errors_total{kind=\"Ingress\"}"));
+    anyhow::ensure!(errors.is_some_and(|l| !l.ends_with(" 0")), "the failed Ingress lists are counted: {errors:?}");
 
     // SIGTERM: the binary releases the Lease and exits cleanly.
     let pid = rustix::process::Pid::from_raw(i32::try_from(control.pid())?).context("a PID")?;

@@ -101,8 +101,14 @@ impl Leadership {
 }
 
 /// Starts the elector; it runs until `shutdown`, then releases the Lease if it holds it.
-pub fn spawn(client: kube::Client, settings: LeaseSettings, shutdown: Shutdown) -> (Leadership, JoinHandle<()>) {
+pub fn spawn(
+    client: kube::Client,
+    settings: LeaseSettings,
+    shutdown: Shutdown,
+    metrics: super::KubeMetrics,
+) -> (Leadership, JoinHandle<()>) {
     let (tx, rx) = watch::channel(false);
+    metrics.set_leader(false);
     let task = tokio::spawn(async move {
         let mut e = Elector::new(Api::namespaced(client, &settings.namespace), settings);
         let mut last_renew: Option<Instant> = None;
@@ -114,6 +120,7 @@ pub fn spawn(client: kube::Client, settings: LeaseSettings, shutdown: Shutdown) 
                         info!(lease = %e.settings.name, identity = %e.settings.identity, "became leader");
                     }
                     tx.send_if_modified(|l| !std::mem::replace(l, true));
+                    metrics.set_leader(true);
                 }
                 Ok(false) => {
                     if *tx.borrow() {
@@ -121,6 +128,7 @@ pub fn spawn(client: kube::Client, settings: LeaseSettings, shutdown: Shutdown) 
                     }
                     last_renew = None;
                     tx.send_if_modified(|l| std::mem::replace(l, false));
+                    metrics.set_leader(false);
                 }
                 Err(err) => {
                     warn!("{err}");
@@ -128,6 +136,7 @@ pub fn spawn(client: kube::Client, settings: LeaseSettings, shutdown: Shutdown) 
                         warn!(lease = %e.settings.name, "could not renew within the renew deadline; stepping down");
                         last_renew = None;
                         tx.send_if_modified(|l| std::mem::replace(l, false));
+                        metrics.set_leader(false);
                     }
                 }
             }
@@ -138,6 +147,7 @@ pub fn spawn(client: kube::Client, settings: LeaseSettings, shutdown: Shutdown) 
         }
         if *tx.borrow() {
             tx.send_replace(false);
+            metrics.set_leader(false);
             match e.release().await {
                 Ok(()) => info!(lease = %e.settings.name, "released leadership"),
                 Err(err) => warn!("releasing: {err}"),

@@ -29,6 +29,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
 pub use lease::{Leadership, LeaseSettings};
 pub use status::{Publish, StatusSettings};
 
@@ -150,6 +156,70 @@ impl Iterator for Backoff {
 impl kube::runtime::utils::Backoff for Backoff {
     fn reset(&mut self) {
         self.next = self.settings.min;
+    }
+}
+
+/// Labels of per-kind metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// The kind (`Service`, `EndpointSlice`, ...).
+    pub kind: String,
+}
+
+/// Labels of status writes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// What the Kubernetes source and the status writer did, for `/metrics`: a watch that keeps failing, relists that
+/// keep happening (a too-small watch cache), a replica that never leads, status writes refused by RBAC.
+#[derive(Debug, Clone, Default)]
+pub struct KubeMetrics {
+    lists: Family<KindLabels, Counter>,
+    events: Family<KindLabels, Counter>,
+    errors: Family<KindLabels, Counter>,
+    leader: Gauge,
+    status_writes: Family<ResultLabels, Counter>,
+}
+
+impl KubeMetrics {
+    /// Registers the metrics (`mesh_kube_*`, `mesh_leader`, `mesh_ingress_status_writes`).
+    pub fn register(&self, r: &mut Registry) {
+        r.register("kube_lists", "Full lists of a kind (the first, then relists after 410 Gone)", self.lists.clone());
+        r.register("kube_events", "Watch events received, by kind", self.events.clone());
+        r.register(
+            "kube_watch_errors",
+            "Failed lists and watches (retried with backoff), by kind",
+            self.errors.clone(),
+        );
+        r.register("leader", "1 while this replica holds the Lease and writes Ingress status", self.leader.clone());
+        r.register("ingress_status_writes", "Ingress status patches, by result", self.status_writes.clone());
+    }
+
+    fn kind(f: &Family<KindLabels, Counter>, kind: crate::model::Kind) {
+        f.get_or_create(&KindLabels { kind: kind.to_string() }).inc();
+    }
+
+    pub(crate) fn listed(&self, kind: crate::model::Kind) {
+        Self::kind(&self.lists, kind);
+    }
+
+    pub(crate) fn event(&self, kind: crate::model::Kind) {
+        Self::kind(&self.events, kind);
+    }
+
+    pub(crate) fn error(&self, kind: crate::model::Kind) {
+        Self::kind(&self.errors, kind);
+    }
+
+    pub(crate) fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    pub(crate) fn status_write(&self, ok: bool) {
+        self.status_writes.get_or_create(&ResultLabels { result: if ok { "ok" } else { "error" }.into() }).inc();
     }
 }
 

@@ -171,6 +171,7 @@ pub fn spawn(
     mut leadership: Leadership,
     retry: Duration,
     shutdown: Shutdown,
+    metrics: super::KubeMetrics,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         // Ingresses this process set to our addresses: cleared when we stop serving them even if the published
@@ -205,6 +206,7 @@ pub fn spawn(
                 let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": value}}});
                 match api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch)).await {
                     Ok(_) => {
+                        metrics.status_write(true);
                         info!(ingress = %key, addresses = want.len(), "Ingress status written");
                         if want.is_empty() {
                             written.remove(key);
@@ -215,6 +217,7 @@ pub fn spawn(
                     // Deleted meanwhile: the watch will drop it from the view.
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
                     Err(e) => {
+                        metrics.status_write(false);
                         warn!(ingress = %key, "cannot write Ingress status: {e} (check the ClusterRole granting patch on ingresses/status)");
                         failed = true;
                     }

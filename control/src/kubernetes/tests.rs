@@ -211,7 +211,7 @@ async fn objects_are_trimmed_before_they_are_stored() {
     let fake = FakeApi::new();
     cluster(&fake);
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    let _w = watch::spawn(&settings(fake.client(), None), tx);
+    let _w = watch::spawn(&settings(fake.client(), None), tx, KubeMetrics::default());
     let mut seen = BTreeSet::new();
     while let Some(u) = tokio::time::timeout(WAIT, rx.recv()).await.expect("updates") {
         match u {

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::{Backoff, Settings};
+use super::{Backoff, KubeMetrics, Settings};
 use crate::model::{Kind, Object, TLS_SECRET_TYPE};
 use crate::source::Update;
 use crate::translate::{READ_ANNOTATIONS, READ_LABELS, READ_SECRET_KEYS};
@@ -59,11 +59,11 @@ impl Drop for Watchers {
 
 /// Starts one watcher per kind. Each sends its first list as an [`Update::Relist`]; after the last kind's first
 /// list, [`Update::Synced`] follows. The watchers run until the returned handle is dropped or `tx` is closed.
-pub fn spawn(settings: &Settings, tx: mpsc::Sender<Update>) -> Watchers {
+pub fn spawn(settings: &Settings, tx: mpsc::Sender<Update>, metrics: KubeMetrics) -> Watchers {
     let pending = Arc::new(AtomicUsize::new(KINDS.len()));
     let client = settings.client.clone();
     let ns = settings.namespace.as_deref();
-    let run = Runner { tx, pending, backoff: settings.backoff };
+    let run = Runner { tx, pending, backoff: settings.backoff, metrics };
     let tasks = vec![
         run.start::<IngressClass>(Api::all(client.clone()), watcher::Config::default(), Kind::IngressClass),
         run.start::<Node>(Api::all(client.clone()), watcher::Config::default(), Kind::Node),
@@ -96,6 +96,7 @@ struct Runner {
     /// Kinds whose first list is not done yet.
     pending: Arc<AtomicUsize>,
     backoff: super::BackoffSettings,
+    metrics: KubeMetrics,
 }
 
 impl Runner {
@@ -124,6 +125,7 @@ impl Runner {
                 // retry the same stale resourceVersion forever. Start a fresh watcher instead: it relists.
                 Err(watcher::Error::WatchStartFailed(kube::Error::Api(s))) if s.code == 410 => {
                     warn!(%kind, "watch answered 410 Gone; relisting");
+                    self.metrics.error(kind);
                     stream = watcher(api.clone(), config.clone()).backoff(Backoff::new(self.backoff)).boxed();
                     buffer = None;
                     continue;
@@ -141,11 +143,19 @@ impl Runner {
                 Ok(watcher::Event::InitDone) => {
                     let objects = buffer.take().unwrap_or_default();
                     info!(%kind, objects = objects.len(), "listed");
+                    self.metrics.listed(kind);
                     Some(Update::Relist { kind, objects })
                 }
-                Ok(watcher::Event::Apply(obj)) => into_object(obj, kind).map(Update::Apply),
-                Ok(watcher::Event::Delete(obj)) => into_object(obj, kind).map(|o| Update::Delete(o.object_ref())),
+                Ok(watcher::Event::Apply(obj)) => {
+                    self.metrics.event(kind);
+                    into_object(obj, kind).map(Update::Apply)
+                }
+                Ok(watcher::Event::Delete(obj)) => {
+                    self.metrics.event(kind);
+                    into_object(obj, kind).map(|o| Update::Delete(o.object_ref()))
+                }
                 Err(e) => {
+                    self.metrics.error(kind);
                     // One warning per outage, then debug until it recovers: a long outage must not flood the log.
                     if failing {
                         debug!(%kind, "watch still failing: {e}");
