@@ -119,6 +119,7 @@ pub struct ApiCall {
 #[derive(Debug)]
 struct Event {
     rv: u64,
+    typ: &'static str,
     res: &'static Res,
     namespace: String,
     line: Bytes,
@@ -132,6 +133,8 @@ struct Watcher {
     selector: Selector,
     tx: mpsc::UnboundedSender<Bytes>,
     client: String,
+    /// Asked for `PartialObjectMetadata` (metadata-only watch).
+    meta_only: bool,
 }
 
 #[derive(Debug, Default)]
@@ -152,6 +155,8 @@ struct State {
     /// resource → the `resourceVersion` of each watch request, in order.
     watch_from: BTreeMap<&'static str, Vec<String>>,
     refused: usize,
+    /// (resource, metadata-only) of every list and watch.
+    reads: BTreeSet<(&'static str, bool)>,
     uid: u64,
 }
 
@@ -300,21 +305,32 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
+/// An object as a metadata-only request sees it.
+fn meta_of(obj: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": obj["metadata"]})
+}
+
+/// One watch event line.
+fn line(typ: &str, obj: &Value, meta_only: bool) -> Bytes {
+    let object = if meta_only { meta_of(obj) } else { obj.clone() };
+    Bytes::from(format!("{}\n", json!({"type": typ, "object": object})))
+}
+
 fn rv_of(obj: &Value) -> Option<&str> {
     obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
 impl State {
-    fn event(&mut self, res: &'static Res, namespace: &str, typ: &str, object: Value) {
-        let line = Bytes::from(format!("{}\n", json!({"type": typ, "object": object})));
+    fn event(&mut self, res: &'static Res, namespace: &str, typ: &'static str, object: Value) {
+        let full = line(typ, &object, false);
         self.watchers.retain(|w| {
             if w.res != res || w.namespace.as_deref().is_some_and(|ns| ns != namespace) || !w.selector.matches(&object)
             {
                 return !w.tx.is_closed();
             }
-            w.tx.send(line.clone()).is_ok()
+            w.tx.send(if w.meta_only { line(typ, &object, true) } else { full.clone() }).is_ok()
         });
-        self.history.push_back(Event { rv: self.rv, res, namespace: namespace.to_owned(), line, object });
+        self.history.push_back(Event { rv: self.rv, typ, res, namespace: namespace.to_owned(), line: full, object });
         while self.history.len() > HISTORY {
             if let Some(e) = self.history.pop_front() {
                 self.compacted = e.rv;
@@ -510,6 +526,17 @@ impl FakeApi {
         self.lock().watch_from.get(plural).cloned().unwrap_or_default()
     }
 
+    /// Whether lists and watches of a resource asked for metadata only (`Some(true)`), full objects
+    /// (`Some(false)`), or both or none (`None`).
+    pub fn metadata_only(&self, plural: &str) -> Option<bool> {
+        let s = self.lock();
+        let modes: Vec<bool> = s.reads.iter().filter(|(p, _)| *p == plural).map(|(_, m)| *m).collect();
+        match modes.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
     /// How many requests were refused while the server was down or a client cut off.
     pub fn refused(&self) -> usize {
         self.lock().refused
@@ -593,6 +620,14 @@ impl FakeApi {
         if matches!(verb, "list" | "watch") && s.failing.contains(t.res.plural) {
             return error(500, "InternalError", format!("{} unavailable (injected)", t.res.plural));
         }
+        let meta_only = parts
+            .headers
+            .get(http::header::ACCEPT)
+            .and_then(|a| a.to_str().ok())
+            .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
+        if matches!(verb, "list" | "watch") {
+            s.reads.insert((t.res.plural, meta_only));
+        }
         let selector = match Selector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or_default()) {
             Ok(sel) => sel,
             Err(e) => return error(400, "BadRequest", e),
@@ -608,6 +643,9 @@ impl FakeApi {
                         *p == t.res.plural && (t.namespace.is_none() || *o_ns == ns) && selector.matches(obj)
                     })
                     .map(|(_, obj)| {
+                        if meta_only {
+                            return meta_of(obj);
+                        }
                         // A real list omits each item's apiVersion and kind.
                         let mut o = obj.clone();
                         if let Some(m) = o.as_object_mut() {
@@ -625,11 +663,12 @@ impl FakeApi {
                 if offset.saturating_add(limit) < total {
                     meta["continue"] = json!((offset + limit).to_string());
                 }
-                respond(
-                    200,
-                    &json!({"kind": format!("{}List", t.res.kind), "apiVersion": t.res.api_version(),
-                    "metadata": meta, "items": items}),
-                )
+                let (kind, api_version) = if meta_only {
+                    ("PartialObjectMetadataList".to_owned(), "meta.k8s.io/v1".to_owned())
+                } else {
+                    (format!("{}List", t.res.kind), t.res.api_version())
+                };
+                respond(200, &json!({"kind": kind, "apiVersion": api_version, "metadata": meta, "items": items}))
             }
             "watch" => {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -650,20 +689,33 @@ impl FakeApi {
                     Some(from) => {
                         for e in s.history.iter().filter(|e| e.rv > from && e.res == t.res) {
                             if (t.namespace.is_none() || e.namespace == ns) && selector.matches(&e.object) {
-                                let _ = tx.send(e.line.clone());
+                                let _ = tx.send(if meta_only { line(e.typ, &e.object, true) } else { e.line.clone() });
                             }
                         }
-                        s.watchers.push(Watcher { res: t.res, namespace: t.namespace.clone(), selector, tx, client });
+                        s.watchers.push(Watcher {
+                            res: t.res,
+                            namespace: t.namespace.clone(),
+                            selector,
+                            tx,
+                            client,
+                            meta_only,
+                        });
                     }
                     None => {
                         // "Any version": the current state as ADDED events, then changes.
                         for ((p, o_ns, _), obj) in &s.objects {
                             if *p == t.res.plural && (t.namespace.is_none() || *o_ns == ns) && selector.matches(obj) {
-                                let line = json!({"type": "ADDED", "object": obj});
-                                let _ = tx.send(Bytes::from(format!("{line}\n")));
+                                let _ = tx.send(line("ADDED", obj, meta_only));
                             }
                         }
-                        s.watchers.push(Watcher { res: t.res, namespace: t.namespace.clone(), selector, tx, client });
+                        s.watchers.push(Watcher {
+                            res: t.res,
+                            namespace: t.namespace.clone(),
+                            selector,
+                            tx,
+                            client,
+                            meta_only,
+                        });
                     }
                 }
                 let stream = UnboundedReceiverStream::new(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));

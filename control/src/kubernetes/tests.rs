@@ -153,6 +153,9 @@ async fn initial_list_then_every_kind_flows_to_the_snapshot() {
     assert!(cla.contains("10.0.0.1") && cla.contains("zone-a"), "{cla}");
     assert!(dump(&app, Some("mesh"), ResourceType::Secret).contains("shop/shop-tls"));
     assert!(dump(&app, Some("mesh"), ResourceType::RouteConfiguration).contains("shop.example.com"));
+    // Nodes are read as metadata only, everything else whole.
+    assert_eq!(fake.metadata_only("nodes"), Some(true));
+    assert_eq!(fake.metadata_only("services"), Some(false));
     // Only TLS Secrets were ever asked for.
     assert!(fake.calls().iter().any(|c| c.resource == "secrets" && c.verb == "list"));
 

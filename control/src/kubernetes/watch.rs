@@ -11,7 +11,8 @@
 //! Our [`Store`](crate::store::Store) is the reflector: `kube-runtime`'s own reflector store would keep a second
 //! copy of every object. Before an object is sent it is trimmed ([`trim`]) to what translation reads, which bounds
 //! memory by what matters (`managedFields`, `last-applied-configuration`, Node status with its image lists are
-//! often most of an object) and makes changes to anything else no-ops in the store.
+//! often most of an object) and makes changes to anything else no-ops in the store. Nodes are watched as metadata
+//! only (`PartialObjectMetadata`): their status, which changes often, never crosses the wire.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -19,10 +20,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use k8s_openapi::api::core::v1::{Node, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
 use serde::de::DeserializeOwned;
@@ -66,7 +69,9 @@ pub fn spawn(settings: &Settings, tx: mpsc::Sender<Update>, metrics: KubeMetrics
     let run = Runner { tx, pending, backoff: settings.backoff, metrics };
     let tasks = vec![
         run.start::<IngressClass>(Api::all(client.clone()), watcher::Config::default(), Kind::IngressClass),
-        run.start::<Node>(Api::all(client.clone()), watcher::Config::default(), Kind::Node),
+        // Nodes: metadata only (their labels are all we read; their status, with image lists and conditions, is
+        // most of a Node and changes often).
+        run.start::<PartialObjectMeta<Node>>(Api::all(client.clone()), watcher::Config::default(), Kind::Node),
         run.start::<Service>(scoped(&client, ns), watcher::Config::default(), Kind::Service),
         run.start::<EndpointSlice>(scoped(&client, ns), watcher::Config::default(), Kind::EndpointSlice),
         run.start::<Secret>(
@@ -105,16 +110,25 @@ impl Runner {
         K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
         K: Into<Trimmed>,
     {
-        let me = self.clone();
-        tokio::spawn(async move { me.run(api, config, kind).await })
+        self.start_with(kind, move || watcher(api.clone(), config.clone()).boxed())
     }
 
-    async fn run<K>(self, api: Api<K>, config: watcher::Config, kind: Kind)
+    /// Runs the watcher `make` builds (again, when a fresh one is needed).
+    fn start_with<K, F>(&self, kind: Kind, make: F) -> JoinHandle<()>
     where
-        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-        K: Into<Trimmed>,
+        K: Into<Trimmed> + Send + 'static,
+        F: Fn() -> BoxStream<'static, Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     {
-        let mut stream = watcher(api.clone(), config.clone()).backoff(Backoff::new(self.backoff)).boxed();
+        let me = self.clone();
+        tokio::spawn(async move { me.run(kind, make).await })
+    }
+
+    async fn run<K, F>(self, kind: Kind, make: F)
+    where
+        K: Into<Trimmed> + Send + 'static,
+        F: Fn() -> BoxStream<'static, Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    {
+        let mut stream = make().backoff(Backoff::new(self.backoff)).boxed();
         let mut buffer: Option<Vec<Object>> = None;
         let mut first = true;
         let mut failing = false;
@@ -126,7 +140,7 @@ impl Runner {
                 Err(watcher::Error::WatchStartFailed(kube::Error::Api(s))) if s.code == 410 => {
                     warn!(%kind, "watch answered 410 Gone; relisting");
                     self.metrics.error(kind);
-                    stream = watcher(api.clone(), config.clone()).backoff(Backoff::new(self.backoff)).boxed();
+                    stream = make().backoff(Backoff::new(self.backoff)).boxed();
                     buffer = None;
                     continue;
                 }
@@ -272,6 +286,13 @@ impl From<Secret> for Trimmed {
         s.data = s.data.map(|d| d.into_iter().filter(|(k, _)| READ_SECRET_KEYS.contains(&k.as_str())).collect());
         s.string_data = None;
         Trimmed(Some(Object::Secret(Arc::new(s))))
+    }
+}
+
+impl From<PartialObjectMeta<Node>> for Trimmed {
+    /// A Node from its metadata alone (the Node watch asks for nothing more).
+    fn from(m: PartialObjectMeta<Node>) -> Self {
+        Trimmed(Some(Object::Node(Arc::new(Node { metadata: trim_meta(m.metadata), spec: None, status: None }))))
     }
 }
 
