@@ -112,8 +112,13 @@ pub fn spawn(
     let task = tokio::spawn(async move {
         let mut e = Elector::new(Api::namespaced(client, &settings.namespace), settings);
         let mut last_renew: Option<Instant> = None;
+        let mut failing = false;
         loop {
-            match e.try_acquire_or_renew().await {
+            let round = e.try_acquire_or_renew().await;
+            if round.is_ok() {
+                failing = false;
+            }
+            match round {
                 Ok(true) => {
                     last_renew = Some(Instant::now());
                     if !*tx.borrow() {
@@ -131,7 +136,13 @@ pub fn spawn(
                     metrics.set_leader(false);
                 }
                 Err(err) => {
-                    warn!("{err}");
+                    // One warning per outage, then debug: the elector retries every period.
+                    if failing {
+                        debug!("{err}");
+                    } else {
+                        warn!("{err}");
+                    }
+                    failing = true;
                     if last_renew.is_some_and(|t| t.elapsed() >= e.settings.renew_deadline) {
                         warn!(lease = %e.settings.name, "could not renew within the renew deadline; stepping down");
                         last_renew = None;
@@ -260,5 +271,54 @@ impl Elector {
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
             Err(e) => Err(self.err(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kubernetes::fake::FakeApi;
+    use serde_json::Value;
+
+    fn fast(identity: &str) -> LeaseSettings {
+        let mut s = LeaseSettings::new("race", "mesh-system", identity);
+        s.lease_duration = Duration::from_secs(1);
+        s.renew_deadline = Duration::from_millis(600);
+        s.retry_period = Duration::from_millis(20);
+        s
+    }
+
+    #[tokio::test]
+    async fn replicas_starting_together_elect_exactly_one() {
+        let fake = FakeApi::new();
+        let shutdown = Shutdown::new();
+        let electors: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|id| spawn(fake.client(), fast(id), shutdown.clone(), crate::kubernetes::KubeMetrics::default()))
+            .collect();
+        let leaders = || electors.iter().filter(|(l, _)| l.is_leader()).count();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while leaders() == 0 {
+            assert!(Instant::now() < deadline, "nobody leads");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Many renewal rounds later, still exactly one, and the Lease names it.
+        let stop = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < stop {
+            assert_eq!(leaders(), 1);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let lease = fake.get("coordination.k8s.io/v1", "Lease", "mesh-system", "race").unwrap();
+        let holder = lease["spec"]["holderIdentity"].as_str().unwrap().to_owned();
+        let leader = ["a", "b", "c"].iter().zip(&electors).find(|(_, (l, _))| l.is_leader()).unwrap().0;
+        assert_eq!(holder, *leader);
+        assert_eq!(lease["spec"]["leaseTransitions"], 0);
+        assert!(fake.calls().iter().filter(|c| c.verb == "create").count() >= 1);
+        shutdown.trigger();
+        for (_, task) in electors {
+            task.await.unwrap();
+        }
+        let lease = fake.get("coordination.k8s.io/v1", "Lease", "mesh-system", "race").unwrap();
+        assert!(lease["spec"].get("holderIdentity").is_none_or(Value::is_null), "released: {lease}");
     }
 }

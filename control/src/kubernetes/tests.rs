@@ -455,6 +455,8 @@ async fn only_the_leader_writes_status_and_a_lease_not_renewed_hands_over() {
     assert!(stepped_down >= Duration::from_millis(900), "{stepped_down:?}");
     assert!(cut_at.elapsed() >= Duration::from_millis(1800), "b took over after {:?}", cut_at.elapsed());
     assert_eq!(holder(&fake).as_deref(), Some("b"));
+    let lease = fake.get("coordination.k8s.io/v1", "Lease", LEASE_NS, "mesh-control").unwrap();
+    assert_eq!(lease["spec"]["leaseTransitions"], 1, "{lease}");
     fake.apply(ingress("late", "mesh", "/late", None));
     eventually("b writes status", || lb_status(&fake, "late") == json!([{"ip": "203.0.113.8"}])).await;
     assert!(status_writers(&fake).contains("b"));
