@@ -1,7 +1,7 @@
 //! The real `mesh-control` binary against the fake Kubernetes API served over HTTP on loopback, through a
 //! kubeconfig: `--kubeconfig` loading, the initial list before readiness (probed with `meshctl probe`, as the
 //! Deployment's exec probes do), a change flowing to the snapshot, Ingress status written by the elected
-//! leader, and the Lease released on SIGTERM.
+//! leader, the Lease released on SIGTERM, and every API call allowed by `deploy/10-rbac.yaml`.
 
 use std::process::Command;
 use std::time::Duration;
@@ -103,5 +103,12 @@ async fn mesh_control_watches_a_cluster_through_a_kubeconfig() -> anyhow::Result
     })
     .await?;
     anyhow::ensure!(holder(&fake).is_none(), "the Lease was not released: {:?}", holder(&fake));
+
+    // Every call the binary made is allowed by deploy/'s RBAC, and every grant there was used.
+    let rbac =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/10-rbac.yaml"))?;
+    let rules = mesh_control::kubernetes::rbac::Rules::parse(&rbac, "mesh-control")?;
+    let unused = rules.check(&fake.calls())?;
+    anyhow::ensure!(unused.is_empty(), "deploy/10-rbac.yaml grants what mesh-control never calls: {unused:?}");
     Ok(())
 }
