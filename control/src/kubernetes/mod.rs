@@ -7,7 +7,7 @@
 //!   [`Update::Synced`] follows the first list of every kind, and only then does the app serve.
 //! - [`lease`]: leader election with a `coordination.k8s.io/v1` Lease, as client-go's leaderelection does it.
 //! - [`status`]: the leader writes `status.loadBalancer.ingress` of the Ingresses we serve.
-//! - [`fake`] (tests, or the `fake-api` feature): an in-memory API server speaking real list/watch JSON.
+//! - `fake` (tests, or the `fake-api` feature): an in-memory API server speaking real list/watch JSON.
 //!
 //! [`Update::Relist`]: crate::source::Update::Relist
 //! [`Update::Synced`]: crate::source::Update::Synced

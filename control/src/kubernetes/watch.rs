@@ -1,6 +1,6 @@
 //! One watcher per kind we read, feeding [`Update`]s into the app loop.
 //!
-//! `kube-runtime`'s [`watcher`] does the protocol: list (paginated), then watch from the list's
+//! `kube-runtime`'s [`watcher()`] does the protocol: list (paginated), then watch from the list's
 //! `resourceVersion`, resume from the last seen `resourceVersion` when the server closes a watch (its timeout, an
 //! API server restart), and relist when told `410 Gone` (as a watch `ERROR` event; we add the relist for a `410`
 //! answered to the watch request itself, which `kube-runtime` would retry forever). Each (re)list arrives as `Init`, `InitApply`...,
