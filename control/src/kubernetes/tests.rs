@@ -240,6 +240,21 @@ async fn objects_are_trimmed_before_they_are_stored() {
 }
 
 #[tokio::test]
+async fn a_list_in_pages_is_one_relist() {
+    let fake = FakeApi::new();
+    cluster(&fake);
+    // More Services than one page (kube-runtime asks for 500 at a time, then follows `continue`).
+    for i in 0..1100u32 {
+        fake.apply(service(&format!("s{i}"), &format!("10.97.{}.{}", i / 250, i % 250 + 1)));
+    }
+    let app = start(settings(fake.client(), None)).await;
+    eventually("the first snapshot", || latest(&app).is_some()).await;
+    assert_eq!(names(&app, ResourceType::Listener).len(), 1101);
+    assert_eq!(fake.lists("services"), 3, "three pages");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn nothing_is_served_until_every_kind_is_listed() {
     let fake = FakeApi::new();
     cluster(&fake);
