@@ -3,7 +3,9 @@
 //! `{"type":"ADDED"|"MODIFIED"|"DELETED"|"ERROR","object":...}` lines resumable from a `resourceVersion`,
 //! `410 Gone` as an `ERROR` event carrying a `Status` (as a real API server answers a watch from a compacted
 //! version), `409` on a stale `resourceVersion` or an existing name, JSON merge patches of objects and their
-//! `status` subresource, and field selectors on `type` and `metadata.name`/`metadata.namespace`.
+//! `status` subresource, field selectors on `type` and `metadata.name`/`metadata.namespace`, and metadata-only
+//! (`PartialObjectMetadata`) lists and watches. Simplification: list pages are cut from the current state, not
+//! from a snapshot at the first page's resourceVersion.
 //!
 //! It lives in the library (behind `cfg(test)` or the `fake-api` feature) so that control's own tests and the
 //! end-to-end tests in `tests/` share one fake. It plugs in two ways: as the `tower` service of a
