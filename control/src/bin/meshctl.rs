@@ -85,6 +85,17 @@ enum Command {
         #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
         ingress_class: String,
     },
+    /// Exit 0 when an admin endpoint answers 2xx (a liveness/readiness probe for containers whose admin port
+    /// is loopback-only: an exec probe runs inside the Pod's network namespace, an HTTP probe from the kubelet
+    /// does not).
+    Probe {
+        /// The endpoint: http://127.0.0.1:PORT/PATH.
+        #[arg(default_value = "http://127.0.0.1:19000/ready")]
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 2)]
+        timeout: u64,
+    },
     /// Start the whole local mesh from a manifest folder: mesh-control, mesh-proxy, mesh-ingress and demo Pods
     /// on loopback. Ctrl-C stops it.
     Up {
@@ -166,6 +177,27 @@ impl Ask {
     }
 }
 
+/// One HTTP/1.0 GET over a plain socket: no client library for a probe run every few seconds.
+fn probe(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").with_context(|| format!("{url}: only http:// URLs are probed"))?;
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let addr: std::net::SocketAddr = authority.parse().with_context(|| format!("{authority}: not IP:PORT"))?;
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n")?;
+    let mut head = Vec::new();
+    conn.take(4096).read_to_end(&mut head)?;
+    let text = String::from_utf8_lossy(&head);
+    let status = text.split_whitespace().nth(1).unwrap_or_default();
+    if !status.starts_with('2') {
+        bail!("{url} answered {:?}", text.lines().next().unwrap_or_default());
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     mesh_runtime::telemetry::init_tracing(&cli.log, false)?;
@@ -209,6 +241,7 @@ fn main() -> anyhow::Result<()> {
             let doc = xds_proto::snapshot_file::to_json(&role_name, items.iter().map(|(t, b)| (*t, &b[..])))?;
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
+        Command::Probe { url, timeout } => probe(&url, Duration::from_secs(timeout))?,
         Command::Up { file, node, bin_dir, ingress_class, ingress_service } => {
             let _embedded;
             let dir = match file {
