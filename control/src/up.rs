@@ -200,8 +200,9 @@ impl Pods {
     }
 }
 
-/// An HTTP/1.1 server that answers every request with who it is and what it got.
-async fn http_pod(l: TcpListener, name: String) {
+/// An HTTP/1.1 server that answers every request with who it is and what it got (status 200, the Pod's name
+/// also in an `x-pod` header), with keep-alive, until the task is aborted. Also the soak test's Pods.
+pub async fn http_pod(l: TcpListener, name: String) {
     let name: std::sync::Arc<str> = name.into();
     loop {
         let Ok((s, peer)) = l.accept().await else { continue };
