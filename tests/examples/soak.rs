@@ -278,6 +278,7 @@ async fn main() -> anyhow::Result<()> {
     let began = Instant::now();
     let mut stopping: VecDeque<(Pod, Instant)> = VecDeque::new();
     let mut rolls = 0u64;
+    let mut samples: Vec<(u64, Vec<u64>)> = Vec::new();
     while began.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if let Some(i) = pods.iter().position(|(_, term)| *term) {
@@ -294,6 +295,9 @@ async fn main() -> anyhow::Result<()> {
             stopping.pop_front();
         }
         rolls += 1;
+        if rolls % 30 == 0 {
+            samples.push((rolls, procs.iter().map(|p| rss_kb(p.pid())).collect()));
+        }
         for p in &mut procs {
             p.check_running()?;
         }
@@ -334,6 +338,21 @@ async fn main() -> anyhow::Result<()> {
     );
     for ((name, start), end) in rss_start.iter().zip(&rss_end) {
         println!("| {name} RSS start → end | {:.1} → {:.1} MB |", *start as f64 / 1024.0, *end as f64 / 1024.0);
+    }
+    println!(
+        "\nRSS every 30 s (MB):\n\n| after | {} |\n|---|{}",
+        rss_start.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(rss_start.len())
+    );
+    println!(
+        "| start | {} |",
+        rss_start.iter().map(|(_, k)| format!("{:.1}", *k as f64 / 1024.0)).collect::<Vec<_>>().join(" | ")
+    );
+    for (at, kb) in &samples {
+        println!(
+            "| {at} s | {} |",
+            kb.iter().map(|k| format!("{:.1}", *k as f64 / 1024.0)).collect::<Vec<_>>().join(" | ")
+        );
     }
     if let Some(f) = failed.first() {
         println!("\nfirst failure: {f}");
