@@ -295,7 +295,7 @@ async fn main() -> anyhow::Result<()> {
             stopping.pop_front();
         }
         rolls += 1;
-        if rolls % 30 == 0 {
+        if rolls.is_multiple_of(30) {
             samples.push((rolls, procs.iter().map(|p| rss_kb(p.pid())).collect()));
         }
         for p in &mut procs {
