@@ -287,7 +287,12 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
-    let proxy = Arc::new(pingora_proxy::http_proxy(&server.configuration, Ingress::new(shared.clone())));
+    let mut proxy = pingora_proxy::http_proxy(&server.configuration, Ingress::new(shared.clone()));
+    let mut options = pingora_core::apps::HttpServerOptions::default();
+    // Cleartext HTTP/2 with prior knowledge (the accept loop has already told h2c from HTTP/1 by the preface).
+    options.h2c = true;
+    proxy.server_options = Some(options);
+    let proxy = Arc::new(proxy);
     let (stop_accepting, stop_rx) = watch::channel(false);
     let (finish, finish_rx) = watch::channel(false);
     let (stop_pingora, pingora_rx) = watch::channel(false);

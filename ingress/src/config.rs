@@ -55,7 +55,7 @@ pub enum ConfigError {
         /// The file.
         path: String,
         /// The resource and why.
-        source: TableError,
+        source: Box<TableError>,
     },
 }
 
@@ -125,7 +125,7 @@ pub fn load_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
         let removed: Vec<String> = table.names(kind).into_iter().filter(|n| !map.contains_key(n)).collect();
         table = table
             .apply(kind, |n| map.get(n).map(|r| &r.body[..]), &names, &removed, "file")
-            .map_err(|source| ConfigError::Resource { path: shown.clone(), source })?;
+            .map_err(|source| ConfigError::Resource { path: shown.clone(), source: Box::new(source) })?;
     }
     shared.publish(table);
     shared.metrics.config_updates.inc();
