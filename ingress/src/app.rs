@@ -82,6 +82,8 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// The TLS address.
     pub https_addr: SocketAddr,
+    /// More plain-HTTP addresses with the same routes (e.g. a second port for benchmarks or migrations).
+    pub extra_http_addrs: Vec<SocketAddr>,
     /// The admin address (loopback).
     pub admin_addr: SocketAddr,
     /// pingora worker threads.
@@ -102,6 +104,7 @@ impl Config {
             ingress_class: xds_proto::DEFAULT_INGRESS_CLASS.into(),
             http_addr: any,
             https_addr: any,
+            extra_http_addrs: Vec::new(),
             admin_addr: any,
             threads: 1,
             settings: Settings::default(),
@@ -116,6 +119,8 @@ pub struct App {
     pub http_addr: SocketAddr,
     /// The TLS address.
     pub https_addr: SocketAddr,
+    /// The extra plain-HTTP addresses.
+    pub extra_http_addrs: Vec<SocketAddr>,
     /// The admin address.
     pub admin_addr: SocketAddr,
     /// Shared state (table, metrics, connections).
@@ -229,6 +234,13 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         |l: &std::net::TcpListener, addr, what| l.local_addr().map_err(|source| AppError::Bind { addr, what, source });
     let http_addr = local(&http, cfg.http_addr, "http")?;
     let https_addr = local(&https, cfg.https_addr, "https")?;
+    let mut plain = vec![http];
+    let mut extra_http_addrs = Vec::new();
+    for addr in &cfg.extra_http_addrs {
+        let l = bind(*addr, "http")?;
+        extra_http_addrs.push(local(&l, *addr, "http")?);
+        plain.push(l);
+    }
 
     let metrics = IngressMetrics::default();
     let registry = Metrics::new();
@@ -248,7 +260,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
 
     let client = match &cfg.source {
         Source::File(path) => {
-            if let Err(e) = config::load_file(path, &shared) {
+            if let Err(e) = config::load_file(path, &cfg.ingress_class, &shared) {
                 stop_admin.trigger();
                 return Err(e.into());
             }
@@ -297,7 +309,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let (finish, finish_rx) = watch::channel(false);
     let (stop_pingora, pingora_rx) = watch::channel(false);
     server.add_service(Frontend {
-        http: Some(http),
+        http: plain,
         https: Some(https),
         acceptor,
         proxy: proxy.clone(),
@@ -317,6 +329,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     Ok(App {
         http_addr,
         https_addr,
+        extra_http_addrs,
         admin_addr,
         shared,
         admin,

@@ -41,13 +41,17 @@ pub enum ConfigError {
         /// What is wrong.
         source: SnapshotFileError,
     },
-    /// The file was written for another role.
-    #[error("snapshot file {path} is for role {role:?}; mesh-ingress needs one written with --role ingress")]
+    /// The file was written for another role or IngressClass.
+    #[error(
+        "snapshot file {path} is for role {role:?}; this mesh-ingress needs one written with --role ingress (class {class:?})"
+    )]
     Role {
         /// The file.
         path: String,
         /// Its role.
         role: String,
+        /// The IngressClass served.
+        class: String,
     },
     /// A resource cannot be served.
     #[error("snapshot file {path}: {source}")]
@@ -102,16 +106,21 @@ impl Handler for XdsHandler {
     }
 }
 
-/// Loads a snapshot file (`meshctl snapshot --role ingress`) into the shared table.
-pub fn load_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
+/// Loads a snapshot file (`meshctl snapshot --role ingress`, role `ingress/{class}` or plain `ingress`) into the
+/// shared table; a file written for another IngressClass is refused.
+pub fn load_file(path: &Path, class: &str, shared: &Shared) -> Result<(), ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
     let doc: serde_json::Value =
         serde_json::from_slice(&text).map_err(|source| ConfigError::Json { path: shown.clone(), source })?;
     let (role, resources) =
         snapshot_file::from_json(&doc).map_err(|source| ConfigError::File { path: shown.clone(), source })?;
-    if role != xds_proto::client::ROLE_INGRESS {
-        return Err(ConfigError::Role { path: shown, role });
+    let ours = match role.split_once('/') {
+        None => role == xds_proto::client::ROLE_INGRESS,
+        Some((r, c)) => r == xds_proto::client::ROLE_INGRESS && c == class,
+    };
+    if !ours {
+        return Err(ConfigError::Role { path: shown, role, class: class.to_owned() });
     }
     let mut by_type: BTreeMap<ResourceType, BTreeMap<String, FileResource>> = BTreeMap::new();
     for r in resources {

@@ -35,6 +35,9 @@ struct Args {
     /// Where to serve HTTPS.
     #[arg(long, env = "MESH_HTTPS_ADDR", default_value = "0.0.0.0:8443")]
     https_addr: SocketAddr,
+    /// More addresses serving plain HTTP with the same routes (repeat the flag, or comma-separate).
+    #[arg(long, env = "MESH_EXTRA_HTTP_ADDR", value_delimiter = ',')]
+    extra_http_addr: Vec<SocketAddr>,
     /// Where to serve the admin endpoints (/ready, /metrics, /config_dump, /logging); loopback only.
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:19002")]
     admin_addr: SocketAddr,
@@ -89,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
         ingress_class: args.ingress_class,
         http_addr: args.http_addr,
         https_addr: args.https_addr,
+        extra_http_addrs: args.extra_http_addr,
         admin_addr: args.admin_addr,
         threads: args.threads.max(1),
         settings: Settings {

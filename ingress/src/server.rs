@@ -49,8 +49,8 @@ impl ShutdownSignalWatch for AppSignal {
 
 /// What the accept loops need.
 pub struct Frontend {
-    /// The plain-HTTP socket (bound, listening).
-    pub http: Option<std::net::TcpListener>,
+    /// The plain-HTTP sockets (bound, listening).
+    pub http: Vec<std::net::TcpListener>,
     /// The TLS socket (bound, listening).
     pub https: Option<std::net::TcpListener>,
     /// The TLS acceptor (our resolver inside).
@@ -85,8 +85,9 @@ impl pingora_core::services::Service for Frontend {
     async fn start_service(&mut self, _fds: Option<ListenFds>, shutdown: ShutdownWatch, _listeners_per_fd: usize) {
         let ctx = ConnCtx { proxy: self.proxy.clone(), shared: self.shared.clone(), finish: self.finish.clone() };
         let mut loops = Vec::new();
-        for (listener, tls) in [(self.http.take(), None), (self.https.take(), Some(self.acceptor.clone()))] {
-            let Some(listener) = listener else { continue };
+        let plain = std::mem::take(&mut self.http).into_iter().map(|l| (l, None));
+        let tls = self.https.take().into_iter().map(|l| (l, Some(self.acceptor.clone())));
+        for (listener, tls) in plain.chain(tls).collect::<Vec<_>>() {
             let listener =
                 match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
                     Ok(l) => l,

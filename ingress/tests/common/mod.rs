@@ -402,7 +402,7 @@ pub async fn ingress_with(snap: &Snap, tweak: impl FnOnce(&mut app::Config)) -> 
 /// Replaces the running configuration with `snap` (as a reloaded snapshot file).
 pub fn reload(app: &App, dir: &tempfile::TempDir, snap: &Snap) {
     let path = snap.write(dir, "next.json");
-    mesh_ingress::config::load_file(&path, &app.shared).unwrap();
+    mesh_ingress::config::load_file(&path, "mesh", &app.shared).unwrap();
 }
 
 // ---- clients --------------------------------------------------------------------------------------------------
