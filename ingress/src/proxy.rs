@@ -521,12 +521,34 @@ impl ProxyHttp for Ingress {
         Ok(())
     }
 
-    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
         if resp.status.as_u16() != 101 {
+            // Hop-by-hop fields of the upstream connection, and whatever its Connection header names.
+            let named: Vec<String> = resp
+                .headers
+                .get_all(http::header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
+                .collect();
+            for n in named {
+                resp.remove_header(n.as_str());
+            }
             for h in ["keep-alive", "proxy-connection"] {
                 resp.remove_header(h);
             }
         }
+        Ok(())
+    }
+
+    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
         if ctx.route.is_some() && !ctx.request_id.is_empty() {
             resp.insert_header("x-request-id", ctx.request_id.as_str())?;
         }

@@ -159,6 +159,11 @@ async fn tls_by_sni_with_two_secrets_live_rotation_host_routing_and_redirect() {
     let s = tls_connect(at, "a.example.com", &[&ca], &[b"http/1.1"]).await.unwrap();
     assert_eq!(h1_over(s, req("b.example.com")).await.unwrap().backend(), "b");
 
+    // TLS 1.2 is served too (1.3 above).
+    let s = tls_connect_v12(at, "a.example.com", &ca).await.unwrap();
+    assert_eq!(s.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_2));
+    assert_eq!(h1_over(s, req("a.example.com")).await.unwrap().backend(), "a");
+
     // No certificate for this name and no default: the handshake is refused.
     assert!(tls_connect(at, "c.example.com", &[&ca, &cb], &[]).await.is_err());
 
@@ -312,6 +317,7 @@ async fn forwarded_headers_request_id_and_hop_by_hop() {
     assert_eq!(id[0].len(), 32);
     assert_eq!(r.headers["x-request-id"], id[0].as_str(), "the id is echoed to the client");
     assert!(r.headers.get("keep-alive").is_none(), "the backend's keep-alive header is not forwarded");
+    assert!(r.headers.get("x-backend-private").is_none(), "a header the backend's Connection names is not forwarded");
 
     let req = Request::get("/h")
         .header("host", "foo.com")

@@ -480,6 +480,26 @@ pub async fn tls_connect(
 
 use rustls_pki_types::pem::PemObject;
 
+/// A TLS 1.2-only connection (HTTP/1.1).
+pub async fn tls_connect_v12(
+    addr: SocketAddr,
+    sni: &str,
+    root: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut store = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(root.as_bytes()) {
+        store.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let s = TcpStream::connect(addr).await?;
+    connector.connect(rustls_pki_types::ServerName::try_from(sni.to_owned()).unwrap(), s).await
+}
+
 /// The certificate the server presented on a TLS connection, as DER.
 pub fn peer_cert(s: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<u8> {
     s.get_ref().1.peer_certificates().unwrap()[0].to_vec()
