@@ -534,4 +534,5 @@ where
 }
 
 /// Bounded polling.
+#[allow(unused_imports)]
 pub use mesh_tests::wait::eventually;
