@@ -7,8 +7,9 @@
 //! leniently, as Envoy does: a route naming a Cluster not (yet) known answers 503; a TLS host whose Secret has
 //! not arrived gets no certificate (the default one, or a refused handshake).
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+
+use imbl::{HashMap, OrdMap};
 
 use prost::Message;
 use xds_proto::hcm::{HttpConnectionManager, http_connection_manager::RouteSpecifier};
@@ -106,21 +107,22 @@ impl ListenerSpec {
     }
 }
 
-/// The current configuration.
+/// The current configuration. Its maps are persistent (`imbl`): the next table shares everything an update did
+/// not touch, so cloning it is cheap and a one-endpoint change costs O(that Cluster), not O(every Cluster).
 #[derive(Debug, Clone, Default)]
 pub struct Table {
     /// The accepted version of each type.
-    pub versions: BTreeMap<ResourceType, String>,
+    pub versions: OrdMap<ResourceType, String>,
     /// SDS: certificates by Secret name.
-    pub secrets: BTreeMap<String, Arc<Cert>>,
+    pub secrets: OrdMap<String, Arc<Cert>>,
     /// CDS: the Clusters that exist.
-    pub cluster_names: BTreeMap<String, ()>,
+    pub cluster_names: OrdMap<String, ()>,
     /// EDS: endpoints by Cluster name.
-    pub assignments: BTreeMap<String, Arc<Cluster>>,
+    pub assignments: OrdMap<String, Arc<Cluster>>,
     /// LDS.
-    pub listeners: BTreeMap<String, Arc<ListenerSpec>>,
+    pub listeners: OrdMap<String, Arc<ListenerSpec>>,
     /// RDS, built.
-    pub route_configs: BTreeMap<String, Arc<RouteTable>>,
+    pub route_configs: OrdMap<String, Arc<RouteTable>>,
     /// Derived: every Cluster in CDS with its endpoints (none yet when EDS has not named it).
     pub clusters: HashMap<Arc<str>, Arc<Cluster>>,
     /// Derived: the routes of the plain-HTTP port.
@@ -167,7 +169,7 @@ impl Table {
                     let _: xds_proto::cluster::Cluster = decode(kind, n, body(n))?;
                     t.cluster_names.insert(n.clone(), ());
                 }
-                t.rebuild_clusters();
+                t.rebuild_clusters(changed.iter().chain(removed));
             }
             ResourceType::ClusterLoadAssignment => {
                 for n in removed {
@@ -178,7 +180,7 @@ impl Table {
                     let prev = self.assignments.get(n).map(|c| &**c);
                     t.assignments.insert(n.clone(), Arc::new(Cluster::from_assignment(&cla, prev)?));
                 }
-                t.rebuild_clusters();
+                t.rebuild_clusters(changed.iter().chain(removed));
             }
             ResourceType::Listener => {
                 for n in removed {
@@ -217,19 +219,21 @@ impl Table {
         }
     }
 
-    fn rebuild_clusters(&mut self) {
-        self.clusters = self
-            .cluster_names
-            .keys()
-            .map(|n| {
+    /// Brings the joined Cluster map up to date for the names an update touched.
+    fn rebuild_clusters<'a>(&mut self, touched: impl Iterator<Item = &'a String>) {
+        for n in touched {
+            let key: Arc<str> = Arc::from(n.as_str());
+            if self.cluster_names.contains_key(n) {
                 let c = self
                     .assignments
                     .get(n)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Cluster { name: n.as_str().into(), endpoints: Vec::new() }));
-                (Arc::from(n.as_str()), c)
-            })
-            .collect();
+                    .unwrap_or_else(|| Arc::new(Cluster { name: key.clone(), endpoints: Vec::new() }));
+                self.clusters.insert(key, c);
+            } else {
+                self.clusters.remove(&key);
+            }
+        }
     }
 
     fn routes_of(&self, listener: &str) -> Arc<RouteTable> {
@@ -243,7 +247,7 @@ impl Table {
 
     fn rebuild_certs(&mut self) {
         let plan = self.listeners.get(names::INGRESS_HTTPS).and_then(|l| l.tls.clone()).unwrap_or_default();
-        self.certs = Arc::new(CertTable::build(&plan, &self.secrets));
+        self.certs = Arc::new(CertTable::build(&plan, |n| self.secrets.get(n).cloned()));
     }
 }
 
@@ -256,7 +260,7 @@ mod tests {
     use xds_proto::core::HealthStatus;
 
     fn apply(t: &Table, kind: ResourceType, items: Vec<(String, Vec<u8>)>) -> Result<Table, TableError> {
-        let map: BTreeMap<String, Vec<u8>> = items.into_iter().collect();
+        let map: std::collections::BTreeMap<String, Vec<u8>> = items.into_iter().collect();
         let names: Vec<String> = map.keys().cloned().collect();
         t.apply(kind, |n| map.get(n).map(|b| &b[..]), &names, &[], "v1")
     }

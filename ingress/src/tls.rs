@@ -153,9 +153,9 @@ pub struct CertTable {
 impl CertTable {
     /// Joins the plan with the Secrets on hand; names whose Secret is absent get no certificate (as Envoy keeps
     /// such a chain warming), so their handshakes fall to the default or fail.
-    pub fn build(plan: &SniPlan, secrets: &BTreeMap<String, Arc<Cert>>) -> CertTable {
-        let names = plan.names.iter().filter_map(|(n, s)| secrets.get(s).map(|c| (n.clone(), c.key.clone()))).collect();
-        let default = plan.default.as_ref().and_then(|s| secrets.get(s)).map(|c| c.key.clone());
+    pub fn build(plan: &SniPlan, secret: impl Fn(&str) -> Option<Arc<Cert>>) -> CertTable {
+        let names = plan.names.iter().filter_map(|(n, s)| secret(s).map(|c| (n.clone(), c.key.clone()))).collect();
+        let default = plan.default.as_deref().and_then(&secret).map(|c| c.key.clone());
         CertTable { names, default }
     }
 
@@ -265,7 +265,7 @@ pub(crate) mod tests {
                 .collect(),
             default: Some("default".into()),
         };
-        let t = CertTable::build(&plan, &secrets);
+        let t = CertTable::build(&plan, |n| secrets.get(n).cloned());
         let is = |sni: Option<&str>, want: &str| {
             assert!(Arc::ptr_eq(&t.lookup(sni).unwrap(), &secrets[want].key), "{sni:?} → {want}");
         };
@@ -274,7 +274,7 @@ pub(crate) mod tests {
         is(Some("b.foo.com"), "wild");
         is(Some("x.b.foo.com"), "default");
         is(None, "default");
-        let no_default = CertTable::build(&SniPlan { default: None, ..plan }, &secrets);
+        let no_default = CertTable::build(&SniPlan { default: None, ..plan }, |n| secrets.get(n).cloned());
         assert!(no_default.lookup(Some("other.com")).is_none());
     }
 }
