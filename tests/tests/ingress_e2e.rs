@@ -133,3 +133,68 @@ async fn control_plane_to_ingress_over_xds_with_live_route_changes() -> anyhow::
     control.stop().await;
     Ok(())
 }
+
+/// The real binary: a snapshot file written by the real `meshctl`, the startup line, a routed request, and
+/// SIGTERM: it stops accepting and exits cleanly.
+#[tokio::test]
+async fn the_binary_serves_a_meshctl_snapshot_and_drains_on_sigterm() -> anyhow::Result<()> {
+    use mesh_tests::{Process, wait_for_line, workspace_bin};
+    let web = EchoBackend::start("web").await?;
+    let dir = tempfile::tempdir()?;
+    let m = dir.path().join("manifests");
+    std::fs::create_dir(&m)?;
+    std::fs::write(m.join("classes.yaml"), CLASSES)?;
+    std::fs::write(m.join("services.yaml"), service("web", web.addr()))?;
+    std::fs::write(m.join("ingress.yaml"), ingress_yaml("shop", "mesh", &[("/", "web")]))?;
+    let out = std::process::Command::new(workspace_bin("meshctl")?)
+        .args(["snapshot", "--manifests"])
+        .arg(&m)
+        .args(["--role", "ingress", "--ingress-class", "mesh"])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "meshctl: {}", String::from_utf8_lossy(&out.stderr));
+    let snapshot = dir.path().join("ingress.json");
+    std::fs::write(&snapshot, &out.stdout)?;
+
+    let mut cmd = std::process::Command::new(workspace_bin("mesh-ingress")?);
+    cmd.arg("--snapshot").arg(&snapshot).args([
+        "--http-addr",
+        "127.0.0.1:0",
+        "--https-addr",
+        "127.0.0.1:0",
+        "--admin-addr",
+        "127.0.0.1:0",
+        "--threads",
+        "1",
+        "--drain-s",
+        "10",
+    ]);
+    let mut ingress = Process::spawn("mesh-ingress", cmd)?;
+    let line = wait_for_line(&mut ingress, "mesh-ingress http=", Duration::from_secs(30)).await?;
+    let field = |k: &str| -> anyhow::Result<SocketAddr> {
+        let v = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .ok_or_else(|| anyhow::anyhow!("no {k} in {line}"))?;
+        Ok(v.parse()?)
+    };
+    let (http, admin) = (field("http=")?, field("admin=")?);
+    assert_eq!(http_get(admin, "localhost", "/ready").await?.status, 200);
+    let r = http_get(http, "shop.example.com", "/x").await?;
+    assert_eq!((r.status, r.backend()), (200, Some("web")), "{}", r.body);
+
+    let pid = rustix::process::Pid::from_raw(i32::try_from(ingress.pid())?).ok_or_else(|| anyhow::anyhow!("pid 0"))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+    let status = {
+        let deadline = tokio::time::Instant::now() + CONVERGE;
+        loop {
+            if let Some(s) = ingress.exited() {
+                break s;
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "mesh-ingress still runs after SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert!(status.success(), "exit status {status}: {}", ingress.tail(20));
+    assert!(tokio::net::TcpStream::connect(http).await.is_err(), "nothing listens after the exit");
+    Ok(())
+}
