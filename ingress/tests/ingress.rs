@@ -475,7 +475,19 @@ async fn drain_finishes_in_flight_and_refuses_new_connections() {
     // The idle keep-alive connection is closed by the drain.
     tokio::time::timeout(WAIT, idle_conn).await.expect("idle connection closed").unwrap().ok();
     assert!(!drain.is_finished(), "the drain waits for the request in flight");
-    assert_eq!(shared.conns.open(), 1);
+    // Only the connection with the request in flight is left (probe connections accepted before the listener
+    // closed end on their own).
+    let conns = shared.clone();
+    eventually(WAIT, "only the in-flight connection is open", || {
+        let conns = conns.clone();
+        async move {
+            let open = conns.conns.open();
+            anyhow::ensure!(open == 1, "{open} open");
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
     a.gate.add_permits(1);
     let r = tokio::time::timeout(WAIT, in_flight).await.unwrap().unwrap().unwrap();
     assert_eq!(r.status, 200);
