@@ -532,3 +532,29 @@ async fn a_bad_update_is_nacked_naming_the_resource_and_the_last_good_table_serv
     assert!(m.contains("mesh_ingress_config_rejections_total 1"), "{m}");
     app.drain(WAIT).await;
 }
+
+#[tokio::test]
+async fn live_endpoint_changes_and_terminating_fallback() {
+    use xds_proto::core::HealthStatus;
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let mut snap = Snap::default().cluster("ns/svc/80", &[a.addr]);
+    snap.vhosts = vec![vhost("h", vec![prefix("/", to("ns/svc/80"))])];
+    let (app, dir) = ingress(&snap).await;
+    assert_eq!(get(app.http_addr, "h", "/").await.unwrap().backend(), "a");
+    // The Pod moves: a is terminating (still serving), b is ready: b takes every new request.
+    let mut next = snap.clone();
+    next.clusters.insert("ns/svc/80".into(), vec![(a.addr, HealthStatus::Draining), (b.addr, HealthStatus::Healthy)]);
+    reload(&app, &dir, &next);
+    for _ in 0..10 {
+        assert_eq!(get(app.http_addr, "h", "/").await.unwrap().backend(), "b");
+    }
+    // b goes away (not ready): the terminating-but-serving a is used rather than failing.
+    next.clusters.insert("ns/svc/80".into(), vec![(a.addr, HealthStatus::Draining), (b.addr, HealthStatus::Unhealthy)]);
+    reload(&app, &dir, &next);
+    assert_eq!(get(app.http_addr, "h", "/").await.unwrap().backend(), "a");
+    // Nothing left: 503.
+    next.clusters.insert("ns/svc/80".into(), vec![]);
+    reload(&app, &dir, &next);
+    assert_eq!(get(app.http_addr, "h", "/").await.unwrap().status, 503);
+    app.drain(WAIT).await;
+}
