@@ -558,3 +558,18 @@ async fn live_endpoint_changes_and_terminating_fallback() {
     assert_eq!(get(app.http_addr, "h", "/").await.unwrap().status, 503);
     app.drain(WAIT).await;
 }
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let a = Backend::start("a").await;
+    let mut snap = Snap::default().cluster("ns/a/80", &[a.addr]);
+    snap.vhosts = vec![vhost("h", vec![prefix("/", to("ns/a/80"))])];
+    let (app, _dir) = ingress(&snap).await;
+    // Sequential requests, each on a new client connection: one pooled upstream connection serves them all.
+    for _ in 0..20 {
+        assert_eq!(get(app.http_addr, "h", "/").await.unwrap().status, 200);
+    }
+    assert_eq!(a.hits.load(Ordering::SeqCst), 20);
+    assert_eq!(a.conns.load(Ordering::SeqCst), 1, "the upstream connection is reused");
+    app.drain(WAIT).await;
+}

@@ -40,6 +40,8 @@ pub struct Backend {
     pub name: String,
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// TCP connections accepted.
+    pub conns: Arc<AtomicUsize>,
     pub held: Arc<AtomicUsize>,
     pub gate: Arc<Semaphore>,
     task: tokio::task::JoinHandle<()>,
@@ -58,10 +60,12 @@ impl Backend {
         let hits = Arc::new(AtomicUsize::new(0));
         let held = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(Semaphore::new(0));
-        let (n, h, hd, g) = (name.to_owned(), hits.clone(), held.clone(), gate.clone());
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (n, h, hd, g, c) = (name.to_owned(), hits.clone(), held.clone(), gate.clone(), conns.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((s, _)) = l.accept().await else { continue };
+                c.fetch_add(1, Ordering::SeqCst);
                 let (n, h, hd, g) = (n.clone(), h.clone(), hd.clone(), g.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
@@ -74,7 +78,7 @@ impl Backend {
                 });
             }
         });
-        Backend { name: name.into(), addr, hits, held, gate, task }
+        Backend { name: name.into(), addr, hits, conns, held, gate, task }
     }
 }
 
