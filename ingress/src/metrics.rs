@@ -4,6 +4,8 @@
 //! the catch-all, `-` when none did; `route` is the rule; `upstream` the Cluster), so a client cannot blow up
 //! the number of series by sending made-up Host headers or paths.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -17,13 +19,20 @@ pub struct RequestLabels {
     /// `http` or `https`.
     pub listener: &'static str,
     /// The virtual host.
-    pub host: String,
+    pub host: Arc<str>,
     /// The route (`Prefix /api`), `-` when none matched.
-    pub route: String,
+    pub route: Arc<str>,
     /// The response status.
     pub status: u16,
     /// The Cluster, `-` for direct responses.
-    pub upstream: String,
+    pub upstream: Arc<str>,
+}
+
+/// `-`, shared: the label value of "none" (labels are `Arc<str>` so that counting a request clones pointers
+/// from the table instead of allocating strings).
+pub fn none() -> Arc<str> {
+    static NONE: OnceLock<Arc<str>> = OnceLock::new();
+    NONE.get_or_init(|| Arc::from("-")).clone()
 }
 
 /// Labels of a latency observation.
@@ -32,7 +41,7 @@ pub struct LatencyLabels {
     /// `http` or `https`.
     pub listener: &'static str,
     /// The virtual host.
-    pub host: String,
+    pub host: Arc<str>,
 }
 
 /// Labels of a TLS handshake.

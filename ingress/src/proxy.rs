@@ -271,7 +271,7 @@ impl ProxyHttp for Ingress {
         Ctx {
             start: Instant::now(),
             tls: false,
-            vhost: Arc::from("-"),
+            vhost: crate::metrics::none(),
             route: None,
             cluster: None,
             tried: Vec::new(),
@@ -562,8 +562,8 @@ impl ProxyHttp for Ingress {
         ctx.in_flight = None;
         let status = session.response_written().map(|r| r.status.as_u16()).or(ctx.status_override).unwrap_or(0);
         let listener = if ctx.tls { "https" } else { "http" };
-        let route = ctx.route.as_ref().map_or_else(|| "-".to_owned(), |r| r.label.to_string());
-        let upstream = ctx.cluster.as_ref().map_or_else(|| "-".to_owned(), |c| c.name.to_string());
+        let route = ctx.route.as_ref().map_or_else(crate::metrics::none, |r| r.label.clone());
+        let upstream = ctx.cluster.as_ref().map_or_else(crate::metrics::none, |c| c.name.clone());
         if e.is_some() && ctx.cluster.is_some() && status >= 500 {
             self.shared.metrics.upstream_failure(&upstream, "proxy");
         }
@@ -571,16 +571,14 @@ impl ProxyHttp for Ingress {
         m.requests
             .get_or_create(&RequestLabels {
                 listener,
-                host: ctx.vhost.to_string(),
+                host: ctx.vhost.clone(),
                 route: route.clone(),
                 status,
                 upstream: upstream.clone(),
             })
             .inc();
         let elapsed = ctx.start.elapsed();
-        m.latency
-            .get_or_create(&LatencyLabels { listener, host: ctx.vhost.to_string() })
-            .observe(elapsed.as_secs_f64());
+        m.latency.get_or_create(&LatencyLabels { listener, host: ctx.vhost.clone() }).observe(elapsed.as_secs_f64());
         if self.shared.settings.access_log {
             let req = session.req_header();
             tracing::info!(
@@ -593,8 +591,8 @@ impl ProxyHttp for Ingress {
                 status,
                 listener,
                 vhost = %ctx.vhost,
-                route,
-                upstream,
+                route = &*route,
+                upstream = &*upstream,
                 endpoint = ?ctx.tried.last(),
                 attempts = ctx.tried.len(),
                 body_in = session.body_bytes_read(),
