@@ -219,7 +219,10 @@ pub fn conflicting_framing(raw: &[u8]) -> bool {
 }
 
 fn header_bytes(req: &RequestHeader) -> usize {
-    let line = req.method.as_str().len() + req.uri.to_string().len() + 12;
+    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + req.uri.authority().map_or(0, |a| a.as_str().len())
+        + req.uri.scheme_str().map_or(0, str::len);
+    let line = req.method.as_str().len() + target + 12;
     line + req.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>()
 }
 
