@@ -26,9 +26,10 @@ struct Args {
     /// The IngressClass to serve (its spec.controller must be mesh.dev/ingress-controller).
     #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
     ingress_class: String,
-    /// This instance's name over xDS (the pod name; POD_NAME from the downward API works too).
-    #[arg(long, env = "MESH_NODE", default_value = "mesh-ingress")]
-    node: String,
+    /// This instance's name over xDS (node.id): the pod name. Unset: POD_NAME (the downward API, as in
+    /// deploy/), else `mesh-ingress`.
+    #[arg(long, env = "MESH_NODE")]
+    node: Option<String>,
     /// Where to serve plain HTTP.
     #[arg(long, env = "MESH_HTTP_ADDR", default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -88,7 +89,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let cfg = app::Config {
         source,
-        node: args.node,
+        node: args
+            .node
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()))
+            .unwrap_or_else(|| "mesh-ingress".to_owned()),
         ingress_class: args.ingress_class,
         http_addr: args.http_addr,
         https_addr: args.https_addr,
