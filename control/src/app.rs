@@ -3,6 +3,12 @@
 //! [`build`] starts it and returns at once with a handle, so `main` stays thin and tests run the real app
 //! in-process. The snapshot is published on a `watch` channel as an immutable `Arc`: one writer (the loop here),
 //! any number of lock-free readers (the xDS streams), each taking the latest when it is ready for it.
+//!
+//! Either source (manifest folder or Kubernetes API) sends [`Update`]s; the loop applies every update waiting
+//! (a burst of watch events becomes one translation), and publishes nothing until the source says its state is
+//! complete ([`Update::completes`]): the xDS server waits for that first snapshot, and `/ready` says so.
+//! With the Kubernetes source and Ingress status configured, the loop also hands the status writer a
+//! [`status::View`] whenever Ingresses or the published Service may have changed.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -10,12 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_runtime::{Admin, AdminError, AdminServer, Metrics, ReloadHandle, Shutdown};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::source::{self, SourceError};
-use crate::store::Store;
+use crate::kubernetes::{self, Leadership, Publish, status};
+use crate::source::{self, SourceError, Update};
+use crate::store::{Changes, Store};
 use crate::translate::{Options, Problem, Snapshot, Translator};
 use crate::xds::{XdsConfig, XdsError, XdsMetrics, XdsServer};
 
@@ -33,13 +40,25 @@ pub enum AppError {
     Admin(#[from] AdminError),
 }
 
+/// Where the cluster state comes from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A folder of manifests, watched.
+    Manifests {
+        /// The folder.
+        dir: PathBuf,
+        /// How long changes to the folder must be quiet before a reload (editors write in bursts).
+        debounce: Duration,
+    },
+    /// The Kubernetes API.
+    Kubernetes(Box<kubernetes::Settings>),
+}
+
 /// How to run the control plane.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The manifest folder, the source of cluster state.
-    pub manifests: PathBuf,
-    /// How long changes to the folder must be quiet before a reload (editors write in bursts).
-    pub debounce: Duration,
+    /// The source of cluster state.
+    pub source: SourceConfig,
     /// Translation settings.
     pub translate: Options,
     /// Where to serve xDS (port 0 picks one).
@@ -65,28 +84,79 @@ pub struct App {
     pub admin_addr: std::net::SocketAddr,
     /// The admin server's state (readiness, metrics).
     pub admin: Admin,
+    /// Whether this replica writes Ingress status (Kubernetes source with status configured), as elected.
+    pub leadership: Option<Leadership>,
     shutdown: Shutdown,
     task: JoinHandle<()>,
+    /// The elector and status writer, awaited on stop so the Lease is released before the process exits.
+    helpers: Vec<JoinHandle<()>>,
 }
 
+/// How long [`App::stop`] waits for the Lease release.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 impl App {
-    /// Stops the control plane and waits for its loop to end.
+    /// Stops the control plane and waits for its loop to end (and, when elected, for the Lease release).
     pub async fn stop(self) {
         self.shutdown.trigger();
         // The loop only ends by shutdown; a panic inside it has already been reported by the runtime.
         let _ = self.task.await;
+        for h in self.helpers {
+            let _ = tokio::time::timeout(STOP_GRACE, h).await;
+        }
     }
 }
+
+/// Starts the source: its updates arrive on the returned channel; the guard stops it when dropped.
+fn start_source(
+    cfg: &SourceConfig,
+    metrics: &kubernetes::KubeMetrics,
+) -> Result<(mpsc::Receiver<Update>, Box<dyn std::any::Any + Send>), AppError> {
+    let (tx, rx) = mpsc::channel(1024);
+    match cfg {
+        SourceConfig::Manifests { dir, debounce } => {
+            let (mut loads, handle) = source::watch(dir.clone(), *debounce)?;
+            let forward = tokio::spawn(async move {
+                while let Some(l) = loads.recv().await {
+                    if tx.send(Update::Full(l)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok((rx, Box::new((handle, AbortOnDrop(forward)))))
+        }
+        SourceConfig::Kubernetes(settings) => {
+            Ok((rx, Box::new(kubernetes::watch::spawn(settings, tx, metrics.clone()))))
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The most updates applied before one translation: a long burst (a relist of a big cluster) is still
+/// published in steps instead of waiting for its end.
+const MAX_BATCH: usize = 4096;
 
 /// Starts the control plane: loads the sources (failing if they cannot be read at all), then keeps the snapshot
 /// current as they change.
 pub async fn build(cfg: Config) -> Result<App, AppError> {
-    let (mut loads, watch_handle) = source::watch(cfg.manifests.clone(), cfg.debounce)?;
+    let kube_metrics = kubernetes::KubeMetrics::default();
+    let (mut updates, source_guard) = start_source(&cfg.source, &kube_metrics)?;
     let (tx, rx) = watch::channel(None);
     let shutdown = Shutdown::new();
     let metrics = XdsMetrics::default();
     let registry = Metrics::new();
     registry.with_registry(|r| metrics.register(r));
+    if matches!(cfg.source, SourceConfig::Kubernetes(_)) {
+        registry.with_registry(|r| kube_metrics.register(r));
+    }
     let xds = XdsServer::new(rx.clone(), cfg.xds.clone(), metrics.clone());
     let mut admin = Admin::builder().metrics(registry).config_dump(config_dump(rx.clone())).route("/debug/clients", {
         let xds = xds.clone();
@@ -98,26 +168,57 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let admin = admin.build()?;
     let (admin_addr, _admin_task) = AdminServer::serve(cfg.admin_addr, admin.clone(), shutdown.clone()).await?;
     let (xds_addr, _xds_task) = xds.clone().serve(cfg.xds_addr, shutdown.clone()).await?;
+
+    // Ingress status: an elector and a writer, fed views by the loop.
+    let mut helpers = Vec::new();
+    let mut leadership = None;
+    let mut status_out: Option<(Publish, watch::Sender<Option<status::View>>)> = None;
+    if let SourceConfig::Kubernetes(k) = &cfg.source
+        && let Some(st) = &k.status
+    {
+        let (lead, elector) =
+            kubernetes::lease::spawn(k.client.clone(), st.lease.clone(), shutdown.clone(), kube_metrics.clone());
+        let (view_tx, view_rx) = watch::channel(None);
+        let writer =
+            status::spawn(k.client.clone(), view_rx, lead.clone(), st.retry, shutdown.clone(), kube_metrics.clone());
+        helpers.extend([elector, writer]);
+        leadership = Some(lead);
+        status_out = Some((st.publish.clone(), view_tx));
+    }
+
     let stop = shutdown.clone();
     let loop_metrics = metrics.clone();
     let readiness = admin.readiness().clone();
     let task = tokio::spawn(async move {
-        let _watch = watch_handle;
+        let _source = source_guard;
         let mut store = Store::new();
         let mut translator = Translator::new(cfg.translate);
         let mut reported: BTreeSet<Problem> = BTreeSet::new();
-        let mut first = true;
+        let mut complete = false;
+        let mut published = false;
+        let mut pending = Changes::default();
         loop {
-            let loaded = tokio::select! {
+            let first = tokio::select! {
                 _ = stop.wait() => break,
-                l = loads.recv() => match l { Some(l) => l, None => break },
+                u = updates.recv() => match u { Some(u) => u, None => break },
             };
-            let changes = source::sync(&mut store, &loaded);
-            if changes.is_empty() && !first {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match updates.try_recv() {
+                    Ok(u) => batch.push(u),
+                    Err(_) => break,
+                }
+            }
+            for u in batch {
+                complete |= u.completes();
+                pending.merge(source::apply(&mut store, u));
+            }
+            // Nothing is published before the state is complete: changes wait in `pending`.
+            if !complete || (published && pending.is_empty()) {
                 continue;
             }
-            let snap = if first { translator.full(&store) } else { translator.update(&store, &changes) };
-            first = false;
+            let changes = std::mem::take(&mut pending);
+            let snap = if published { translator.update(&store, &changes) } else { translator.full(&store) };
             let now: BTreeSet<Problem> = snap.problems.iter().cloned().collect();
             for p in now.difference(&reported) {
                 warn!(object = %p.object, "cannot translate: {}", p.reason);
@@ -135,11 +236,28 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
             );
             loop_metrics.observe_snapshot(snap);
             tx.send_replace(Some(Arc::new(snap.clone())));
+            if let Some((publish, views)) = &status_out {
+                let publish_changed = match publish {
+                    Publish::Service(key) => changes.services.contains(key) || changes.all_services,
+                    Publish::Addresses(_) => false,
+                };
+                if !published || changes.ingress || publish_changed {
+                    let v = status::view(&store, translator.served_ingresses(), publish);
+                    views.send_if_modified(|old| {
+                        let differs = old.as_ref() != Some(&v);
+                        if differs {
+                            *old = Some(v);
+                        }
+                        differs
+                    });
+                }
+            }
+            published = true;
             // Ready once the sources have loaded and the first snapshot is out.
             readiness.set_ready(true);
         }
     });
-    Ok(App { snapshots: rx, xds_addr, xds, admin_addr, admin, shutdown, task })
+    Ok(App { snapshots: rx, xds_addr, xds, admin_addr, admin, leadership, shutdown, task, helpers })
 }
 
 /// `/config_dump`: every role's resources in Envoy's JSON mapping with their versions, and the problems.
@@ -186,8 +304,7 @@ mod tests {
 
     fn test_config(dir: &std::path::Path) -> Config {
         Config {
-            manifests: dir.to_owned(),
-            debounce: Duration::from_millis(20),
+            source: SourceConfig::Manifests { dir: dir.to_owned(), debounce: Duration::from_millis(20) },
             translate: Options::default(),
             xds_addr: "127.0.0.1:0".parse().unwrap(),
             xds: XdsConfig::default(),

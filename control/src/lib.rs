@@ -1,13 +1,15 @@
 //! The mesh control plane: Kubernetes objects in, xDS snapshot out.
 //!
-//! Sources (a folder of manifests, later the Kubernetes API) write the [`store::Store`]; [`translate`] turns the
+//! Sources (a folder of manifests, or the Kubernetes API) write the [`store::Store`]; [`translate`] turns the
 //! store into a [`translate::Snapshot`] of Envoy v3 resources per role, incrementally, so one EndpointSlice edit
 //! costs one Service.
 
 pub mod app;
+pub mod kubernetes;
 pub mod model;
 pub mod routes;
 pub mod source;
 pub mod store;
 pub mod translate;
+pub mod up;
 pub mod xds;

@@ -1,12 +1,13 @@
-//! `mesh-control`: watches the cluster state (a manifest folder, for now) and keeps the routing snapshot current.
+//! `mesh-control`: watches the cluster state (the Kubernetes API, or a manifest folder) and keeps the routing
+//! snapshot current; with `--publish-service`/`--publish-address`, the elected leader writes Ingress status.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use mesh_control::app;
 use mesh_control::translate::Options;
+use mesh_control::{app, kubernetes};
 
 /// The mesh control plane.
 #[derive(Debug, Parser)]
@@ -18,6 +19,29 @@ struct Args {
     /// Kubeconfig of the cluster to watch (in-cluster config when neither this nor --manifests is given).
     #[arg(long, env = "MESH_KUBECONFIG", conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
+    /// Watch the namespaced kinds (Services, EndpointSlices, Ingresses, Secrets) of this namespace only.
+    #[arg(long, env = "MESH_NAMESPACE", conflicts_with = "manifests")]
+    namespace: Option<String>,
+    /// Write the LoadBalancer addresses of this Service (namespace/name: the ingress proxies' Service) into the
+    /// status of the Ingresses we serve.
+    #[arg(long, env = "MESH_PUBLISH_SERVICE", conflicts_with_all = ["manifests", "publish_address"])]
+    publish_service: Option<String>,
+    /// Write these IPs or hostnames (comma-separated) into the status of the Ingresses we serve.
+    #[arg(long, env = "MESH_PUBLISH_ADDRESS", value_delimiter = ',', conflicts_with = "manifests")]
+    publish_address: Vec<String>,
+    /// Name of the Lease electing the replica that writes Ingress status.
+    #[arg(long, env = "MESH_LEASE_NAME", default_value = "mesh-control")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the Pod's namespace, else `default`).
+    #[arg(long, env = "MESH_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Our identity in the Lease (default: $POD_NAME, else $HOSTNAME, else the host name).
+    #[arg(long, env = "MESH_IDENTITY")]
+    identity: Option<String>,
+    /// How long a Lease not renewed stays held, in seconds (renewal is attempted every 2 s; a leader that
+    /// cannot renew for two thirds of this steps down).
+    #[arg(long, env = "MESH_LEASE_DURATION_S", default_value_t = 15)]
+    lease_duration_s: u64,
     /// Quiet time after a change to the manifest folder before it is re-read, in milliseconds.
     #[arg(long, env = "MESH_DEBOUNCE_MS", default_value_t = 50)]
     debounce_ms: u64,
@@ -61,10 +85,13 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
-    let Some(manifests) = args.manifests else {
-        anyhow::bail!(
-            "watching the Kubernetes API is not built yet (it comes with the Kubernetes source); use --manifests DIR"
-        );
+    let source = match (&args.manifests, &args.kubeconfig) {
+        (Some(dir), _) => {
+            app::SourceConfig::Manifests { dir: dir.clone(), debounce: Duration::from_millis(args.debounce_ms) }
+        }
+        (None, kubeconfig) => {
+            app::SourceConfig::Kubernetes(Box::new(kube_settings(&args, kubeconfig.as_deref()).await?))
+        }
     };
     let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
     let tls = match (&args.xds_tls_cert, &args.xds_tls_key) {
@@ -76,8 +103,7 @@ async fn main() -> anyhow::Result<()> {
         _ => None,
     };
     let cfg = app::Config {
-        manifests,
-        debounce: Duration::from_millis(args.debounce_ms),
+        source,
         translate: Options { ingress_http_port: args.ingress_http_port, ingress_https_port: args.ingress_https_port },
         xds_addr: args.xds_addr,
         xds: mesh_control::xds::XdsConfig {
@@ -95,4 +121,41 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(?signal, "shutting down");
     app.stop().await;
     Ok(())
+}
+
+/// The Kubernetes source's settings from the flags.
+async fn kube_settings(args: &Args, kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kubernetes::Settings> {
+    let client = kubernetes::connect(kubeconfig).await?;
+    let publish = match (&args.publish_service, args.publish_address.is_empty()) {
+        (Some(svc), _) => Some(kubernetes::Publish::service(svc)?),
+        (None, false) => Some(kubernetes::Publish::Addresses(args.publish_address.clone())),
+        (None, true) => None,
+    };
+    if let (Some(kubernetes::Publish::Service(svc)), Some(ns)) = (&publish, &args.namespace)
+        && svc.namespace != *ns
+    {
+        anyhow::bail!("--publish-service {svc} is outside --namespace {ns}: it would never be seen");
+    }
+    let status = publish.map(|publish| {
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| format!("mesh-control-{}", std::process::id()));
+        let namespace =
+            args.lease_namespace.clone().or_else(kubernetes::pod_namespace).unwrap_or_else(|| "default".into());
+        let mut lease = kubernetes::LeaseSettings::new(&args.lease_name, namespace, identity);
+        lease.lease_duration = Duration::from_secs(args.lease_duration_s.max(3));
+        lease.renew_deadline = lease.lease_duration * 2 / 3;
+        kubernetes::StatusSettings { publish, lease, retry: Duration::from_secs(5) }
+    });
+    Ok(kubernetes::Settings {
+        client,
+        namespace: args.namespace.clone(),
+        backoff: kubernetes::BackoffSettings::default(),
+        status,
+    })
 }

@@ -82,8 +82,10 @@ fn routes_from_a_running_control_plane_match_the_offline_table() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let app = rt
         .block_on(mesh_control::app::build(mesh_control::app::Config {
-            manifests: shop(),
-            debounce: std::time::Duration::from_millis(20),
+            source: mesh_control::app::SourceConfig::Manifests {
+                dir: shop(),
+                debounce: std::time::Duration::from_millis(20),
+            },
             translate: Options::default(),
             xds_addr: "127.0.0.1:0".parse().unwrap(),
             xds: Default::default(),

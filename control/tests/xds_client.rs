@@ -39,8 +39,7 @@ fn write_cluster(dir: &Path, endpoint: &str) {
 
 async fn start(dir: &Path, xds_addr: &str) -> App {
     let cfg = Config {
-        manifests: dir.to_owned(),
-        debounce: Duration::from_millis(10),
+        source: app::SourceConfig::Manifests { dir: dir.to_owned(), debounce: Duration::from_millis(10) },
         translate: Options::default(),
         xds_addr: xds_addr.parse().unwrap(),
         xds: XdsConfig { debounce: Duration::from_millis(5), ..XdsConfig::default() },

@@ -10,12 +10,13 @@ use std::time::Duration;
 use mesh_runtime::{Admin, AdminError, AdminServer, Metrics, ReloadHandle, Shutdown};
 use serde_json::json;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 use xds_proto::client::{self, ClientConfig, ClientError, ClientHandle, Protocol};
 
 use crate::balance::Locality;
 use crate::config::{self, ConfigError, NEEDED, XdsHandler};
 use crate::listeners::{self, Manager};
+use crate::saved;
 use crate::state::{DataConfig, ProxyMetrics, Shared};
 use crate::table::{ListenKey, Table};
 
@@ -64,6 +65,9 @@ pub struct Config {
     pub interface: Option<String>,
     /// The log filter `/logging` changes.
     pub logging: Option<ReloadHandle>,
+    /// With xDS: keep the last accepted configuration here, and start from it when the control plane cannot
+    /// be reached (see [`crate::saved`]).
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A running proxy.
@@ -123,7 +127,7 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
         .map(|c| {
             json!({"name": c.name, "affinitySeconds": c.affinity.map(|d| d.as_secs()), "preferClose": c.prefer_close,
                 "endpoints": c.endpoints.iter().map(|e| json!({"address": e.addr.to_string(), "health": format!("{:?}", e.health),
-                    "node": e.node, "zone": e.zone, "active": e.stats.active.load(std::sync::atomic::Ordering::Relaxed),
+                    "node": &*e.node, "zone": &*e.zone, "active": e.stats.active.load(std::sync::atomic::Ordering::Relaxed),
                     "ejected": e.stats.ejected(now)})).collect::<Vec<_>>()})
         })
         .collect();
@@ -167,11 +171,45 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         Source::Xds { endpoint, protocol } => {
             let mut c = ClientConfig::new(endpoint.clone(), cfg.node.clone(), client::ROLE_PROXY);
             c.protocol = *protocol;
+            // The handler converts each resource once and keeps only its own tables (see XdsHandler).
+            c.keep_bodies = false;
             if let Err(e) = c.validate() {
                 stop_admin.trigger();
                 return Err(e.into());
             }
-            let handle = client::spawn(c, XdsHandler::new(shared.clone(), changes_tx));
+            let mut handler = XdsHandler::new(shared.clone(), changes_tx.clone());
+            if let Some(dir) = &cfg.state_dir {
+                let path = dir.join(saved::FILE);
+                let loaded = match saved::read(dir).and_then(|r| match r {
+                    Some((state, written)) => saved::apply(&state, &shared, &path).map(|()| Some((state, written))),
+                    None => Ok(None),
+                }) {
+                    Ok(Some((state, written))) => {
+                        let age = written.elapsed().unwrap_or_default();
+                        warn!(
+                            file = %path.display(), saved_secs_ago = age.as_secs(),
+                            "serving the configuration saved before this restart until the control plane answers"
+                        );
+                        shared.metrics.config_updates.inc();
+                        changes_tx.send_modify(|g| *g += 1);
+                        admin.readiness().set_ready(true);
+                        state
+                    }
+                    Ok(None) => {
+                        info!(file = %path.display(), "no saved configuration yet; waiting for the control plane");
+                        saved::Resources::new()
+                    }
+                    Err(e) => {
+                        warn!("ignoring the saved configuration, waiting for the control plane: {e}");
+                        saved::Resources::new()
+                    }
+                };
+                let types: Vec<_> = loaded.keys().copied().collect();
+                let saver = saved::Saver::new(dir, loaded);
+                tokio::spawn(saver.clone().run());
+                handler = handler.saving(saver, types);
+            }
+            let handle = client::spawn(c, handler);
             // Ready once every type the proxy needs has been accepted once; empty is an answer too.
             let mut status = handle.status();
             let readiness = admin.readiness().clone();

@@ -43,7 +43,7 @@ pub struct Locality {
 
 /// The endpoints a connection may go to, best tier only (see the module docs, steps 1–4).
 pub fn candidates<'a>(cluster: &'a Cluster, local_only: bool, here: &Locality) -> Vec<&'a Endpoint> {
-    let eligible = |e: &&Endpoint| !local_only || e.node == here.node;
+    let eligible = |e: &&Endpoint| !local_only || *e.node == *here.node;
     let mut tier: Vec<&Endpoint> =
         cluster.endpoints.iter().filter(eligible).filter(|e| e.health == Health::Ready).collect();
     if tier.is_empty() {
@@ -53,9 +53,9 @@ pub fn candidates<'a>(cluster: &'a Cluster, local_only: bool, here: &Locality) -
         let hinted = !tier.is_empty() && tier.iter().all(|e| !e.for_zones.is_empty());
         if hinted || cluster.prefer_close {
             let close: Vec<&Endpoint> = if hinted {
-                tier.iter().copied().filter(|e| e.for_zones.iter().any(|z| z == zone)).collect()
+                tier.iter().copied().filter(|e| e.for_zones.iter().any(|z| **z == **zone)).collect()
             } else {
-                tier.iter().copied().filter(|e| &e.zone == zone).collect()
+                tier.iter().copied().filter(|e| *e.zone == **zone).collect()
             };
             if !close.is_empty() {
                 tier = close;
@@ -171,7 +171,7 @@ mod tests {
             health,
             node: node.into(),
             zone: zone.into(),
-            for_zones: hints.iter().map(|s| s.to_string()).collect(),
+            for_zones: hints.iter().map(|s| Arc::from(*s)).collect(),
             stats: Arc::default(),
         }
     }

@@ -3,7 +3,7 @@
 //! Either way each resource type's update is converted against the current table; an unusable resource rejects
 //! the whole update (a NACK over xDS, an error for a file) and the table in force stays as it was.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use xds_proto::client::{Handler, Update};
 use xds_proto::snapshot_file::{self, FileResource, SnapshotFileError};
 use xds_proto::types::ResourceType;
 
+use crate::saved::Saver;
 use crate::state::Shared;
 use crate::table::TableError;
 
@@ -70,12 +71,24 @@ pub const NEEDED: [ResourceType; 3] =
 pub struct XdsHandler {
     shared: Arc<Shared>,
     changes: watch::Sender<u64>,
+    saver: Option<Arc<Saver>>,
+    /// Types loaded from a saved file and not yet answered by the control plane: its first answer for each
+    /// replaces the type entirely (removing what the saved file had and the control plane no longer has).
+    replace: BTreeSet<ResourceType>,
 }
 
 impl XdsHandler {
     /// A handler writing `shared.table` and bumping `changes` after each accepted update.
     pub fn new(shared: Arc<Shared>, changes: watch::Sender<u64>) -> Self {
-        XdsHandler { shared, changes }
+        XdsHandler { shared, changes, saver: None, replace: BTreeSet::new() }
+    }
+
+    /// Also records every accepted update with `saver`; `loaded` are the types the table was loaded with
+    /// from the saved file.
+    pub fn saving(mut self, saver: Arc<Saver>, loaded: impl IntoIterator<Item = ResourceType>) -> Self {
+        self.saver = Some(saver);
+        self.replace = loaded.into_iter().collect();
+        self
     }
 }
 
@@ -83,11 +96,39 @@ impl Handler for XdsHandler {
     fn apply(&mut self, u: &Update) -> Result<(), String> {
         let current = self.shared.table.load();
         let get = |name: &str| u.resources.get(name).map(|e| &e.body[..]);
-        match current.apply(u.kind, get, &u.changed, &u.removed, &u.version) {
+        let replacing = self.replace.contains(&u.kind);
+        let removed: Vec<String> = if replacing {
+            // The first answer after a saved start is the type's whole state: whatever the table has that the
+            // answer lacks was removed while this proxy was away.
+            let mut gone: Vec<String> =
+                current.names(u.kind).into_iter().filter(|n| !u.resources.contains_key(n)).collect();
+            gone.extend(u.removed.iter().cloned());
+            gone
+        } else {
+            u.removed.clone()
+        };
+        match current.apply(u.kind, get, &u.changed, &removed, &u.version) {
             Ok(next) => {
                 self.shared.table.store(Arc::new(next));
                 self.shared.metrics.config_updates.inc();
                 self.changes.send_modify(|g| *g += 1);
+                if replacing {
+                    self.replace.remove(&u.kind);
+                    info!(
+                        r#type = %u.kind, version = %u.version, removed = removed.len(),
+                        "the control plane's configuration replaced the saved one"
+                    );
+                }
+                if let Some(saver) = &self.saver {
+                    let body = |n: &String| u.resources.get(n).map(|e| e.body.clone());
+                    if replacing {
+                        let all = u.changed.iter().filter_map(|n| Some((n.clone(), body(n)?))).collect();
+                        saver.replace(u.kind, &u.version, all);
+                    } else {
+                        let changed = u.changed.iter().filter_map(|n| Some((n, body(n)?)));
+                        saver.record(u.kind, &u.version, changed, &u.removed);
+                    }
+                }
                 Ok(())
             }
             Err(e) => {
@@ -109,6 +150,14 @@ impl Handler for XdsHandler {
 
 /// Loads a snapshot file (`meshctl snapshot --role proxy`) into the shared table.
 pub fn load_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
+    let loaded = read_file(path, shared);
+    // Reading JSON needed the Envoy descriptor pool (~8 MiB); the proxy never needs it again.
+    xds_proto::codec::release_pool();
+    trim_heap();
+    loaded
+}
+
+fn read_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
     let doc: serde_json::Value =
@@ -135,3 +184,19 @@ pub fn load_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
     shared.metrics.config_updates.inc();
     Ok(())
 }
+
+/// Hands freed heap pages back to the OS. glibc keeps what `free` returns in its arenas (only the top of the
+/// heap shrinks by itself), so the ~8 MiB of small blocks the descriptor pool held would otherwise stay in the
+/// proxy's resident set for its whole life.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn trim_heap() {
+    // SAFETY: malloc_trim takes no pointers and only walks glibc's own arenas, under their locks; it may be
+    // called at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim_heap() {}

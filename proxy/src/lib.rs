@@ -10,6 +10,7 @@ pub mod config;
 pub mod health;
 pub mod listeners;
 pub mod netif;
+pub mod saved;
 pub mod state;
 pub mod table;
 pub mod tcp;

@@ -41,6 +41,9 @@ fn socket(addr: &SocketAddr, kind: SocketType) -> std::io::Result<rustix::fd::Ow
 /// Binds a TCP listening socket.
 pub fn bind_tcp(addr: &SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let fd = socket(addr, SocketType::STREAM)?;
+    // Accepted connections inherit TCP_NODELAY from the listening socket (Linux): one setsockopt here instead
+    // of one per connection. Proxied bytes must not wait for Nagle: the peers chose their own write sizes.
+    sockopt::set_tcp_nodelay(&fd, true)?;
     rustix::net::listen(&fd, 4096)?;
     let l = std::net::TcpListener::from(fd);
     l.set_nonblocking(true)?;
@@ -199,4 +202,18 @@ pub async fn run(
     manager.stop_accepting();
     listening.send_replace(Vec::new());
     manager
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay() {
+        let l = bind_tcp(&SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = l.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = l.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is not inherited: set it per connection");
+    }
 }

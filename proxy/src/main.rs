@@ -56,6 +56,14 @@ struct Args {
     /// On SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, env = "MESH_DRAIN_S", default_value_t = 30)]
     drain_s: u64,
+    /// Keep the last configuration accepted from the control plane in this folder, and start from it when the
+    /// control plane cannot be reached (a node restart during a control-plane outage keeps serving).
+    #[arg(long, env = "MESH_STATE_DIR", requires = "xds")]
+    state_dir: Option<PathBuf>,
+    /// Threads that serve connections (0: one per core). With 1, a single-threaded runtime: no work-stealing
+    /// queues or cross-thread wake-ups, which is what one core is fastest with.
+    #[arg(long, env = "MESH_WORKERS", default_value_t = 0)]
+    workers: usize,
     /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     log: String,
@@ -64,9 +72,18 @@ struct Args {
     log_json: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let runtime = match args.workers {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    }
+    .context("starting the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
     let source = match (args.xds, args.snapshot) {
         (_, Some(path)) => Source::File(path),
@@ -89,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         },
         interface: args.interface,
         logging: Some(logging),
+        state_dir: args.state_dir,
     };
     let app = app::build(cfg).await.context("starting mesh-proxy")?;
     // One machine-readable line a supervisor or test can wait for.

@@ -83,6 +83,64 @@ impl ProxyMetrics {
     }
 }
 
+/// One Service's metric handles. Looking a labelled metric up costs a lock, a hash of two strings and label
+/// allocations; an accept loop does it once per Service ([`CounterCache`]), not per connection.
+#[derive(Debug, Clone)]
+pub struct ServiceCounters {
+    /// The labels they were made for.
+    pub labels: ServiceLabels,
+    /// See [`ProxyMetrics::opened`].
+    pub opened: Counter,
+    /// See [`ProxyMetrics::active`].
+    pub active: Gauge,
+    /// See [`ProxyMetrics::failed`].
+    pub failed: Counter,
+    /// See [`ProxyMetrics::connect_failures`].
+    pub connect_failures: Counter,
+    /// See [`ProxyMetrics::bytes_sent`].
+    pub bytes_sent: Counter,
+    /// See [`ProxyMetrics::bytes_received`].
+    pub bytes_received: Counter,
+    /// See [`ProxyMetrics::ejections`].
+    pub ejections: Counter,
+}
+
+impl ProxyMetrics {
+    /// The handles of one Service's metrics.
+    pub fn service(&self, service: &str, udp: bool) -> ServiceCounters {
+        let labels = Self::labels(service, udp);
+        ServiceCounters {
+            opened: self.opened.get_or_create_owned(&labels),
+            active: self.active.get_or_create_owned(&labels),
+            failed: self.failed.get_or_create_owned(&labels),
+            connect_failures: self.connect_failures.get_or_create_owned(&labels),
+            bytes_sent: self.bytes_sent.get_or_create_owned(&labels),
+            bytes_received: self.bytes_received.get_or_create_owned(&labels),
+            ejections: self.ejections.get_or_create_owned(&labels),
+            labels,
+        }
+    }
+}
+
+/// The counters of the Service an address served last: an address almost always serves the same Service, so
+/// a connection finds its handles with one string comparison. Lock-free; shared by an accept loop's tasks.
+#[derive(Debug, Default)]
+pub struct CounterCache(arc_swap::ArcSwapOption<ServiceCounters>);
+
+impl CounterCache {
+    /// The handles for `service`.
+    pub fn get(&self, metrics: &ProxyMetrics, service: &str, udp: bool) -> Arc<ServiceCounters> {
+        if let Some(c) = &*self.0.load()
+            && c.labels.service == service
+        {
+            return c.clone();
+        }
+        let c = Arc::new(metrics.service(service, udp));
+        self.0.store(Some(c.clone()));
+        c
+    }
+}
+
 /// Counts open connections so drain can wait for them.
 #[derive(Debug, Default)]
 pub struct ConnTracker {

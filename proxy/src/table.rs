@@ -124,12 +124,12 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// Its state.
     pub health: Health,
-    /// The node it runs on.
-    pub node: String,
+    /// The node it runs on (interned: see [`intern`]).
+    pub node: Arc<str>,
     /// Its zone.
-    pub zone: String,
+    pub zone: Arc<str>,
     /// Topology hints: the zones that should use it.
-    pub for_zones: Vec<String>,
+    pub for_zones: Vec<Arc<str>>,
     /// Live state, carried across table versions.
     pub stats: Arc<EndpointStats>,
 }
@@ -166,9 +166,9 @@ pub struct Table {
     /// Clusters by name (Cluster and ClusterLoadAssignment merged).
     pub clusters: imbl::HashMap<String, Arc<Cluster>>,
     /// Cluster settings as received (kept to merge with endpoints arriving separately).
-    settings: imbl::HashMap<String, ClusterSettings>,
+    settings: imbl::OrdMap<String, ClusterSettings>,
     /// Endpoints as received.
-    assignments: imbl::HashMap<String, Arc<[Endpoint]>>,
+    assignments: imbl::OrdMap<String, Arc<[Endpoint]>>,
     /// The accepted version of each resource type.
     pub versions: BTreeMap<ResourceType, String>,
 }
@@ -295,6 +295,34 @@ fn cluster_settings(name: &str, body: &[u8]) -> Result<ClusterSettings, TableErr
     Ok(ClusterSettings { affinity, prefer_close })
 }
 
+/// Node and zone names, stored once each: 100,000 endpoints run on a few hundred nodes in a handful of zones,
+/// so a name per endpoint would cost an allocation per endpoint for nothing.
+static NAMES: Mutex<Names> = Mutex::new(Names { set: None, swept_at: 0 });
+
+struct Names {
+    set: Option<std::collections::HashSet<Arc<str>>>,
+    /// The set's size after the last sweep; the next sweep comes when it has doubled (amortised O(1)).
+    swept_at: usize,
+}
+
+/// The shared copy of `name`. Names no table uses any more are dropped by a sweep once the set has doubled since
+/// the last one, so nodes that come and go (autoscaling) do not accumulate.
+pub fn intern(name: &str) -> Arc<str> {
+    let mut names = NAMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Names { set, swept_at } = &mut *names;
+    let set = set.get_or_insert_with(Default::default);
+    if let Some(found) = set.get(name) {
+        return found.clone();
+    }
+    if set.len() >= (*swept_at * 2).max(1024) {
+        set.retain(|n| Arc::strong_count(n) > 1);
+        *swept_at = set.len();
+    }
+    let new: Arc<str> = Arc::from(name);
+    set.insert(new.clone());
+    new
+}
+
 fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[Endpoint]>, TableError> {
     let k = ResourceType::ClusterLoadAssignment;
     let cla = ClusterLoadAssignment::decode(body).map_err(|e| TableError::Decode {
@@ -306,7 +334,8 @@ fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[End
         old.map(|c| c.endpoints.iter().map(|e| (e.addr, &e.stats)).collect()).unwrap_or_default();
     let mut out = Vec::new();
     for loc in &cla.endpoints {
-        let (zone, node) = loc.locality.as_ref().map(|l| (l.zone.clone(), l.sub_zone.clone())).unwrap_or_default();
+        let (zone, node) = loc.locality.as_ref().map_or(("", ""), |l| (l.zone.as_str(), l.sub_zone.as_str()));
+        let (zone, node) = (intern(zone), intern(node));
         for e in &loc.lb_endpoints {
             let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
                 return Err(unusable(k, name, "an endpoint without an address"));
@@ -322,7 +351,7 @@ fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[End
                 health,
                 node: node.clone(),
                 zone: zone.clone(),
-                for_zones: meta::get_list(e.metadata.as_ref(), meta::FOR_ZONES),
+                for_zones: meta::get_list(e.metadata.as_ref(), meta::FOR_ZONES).iter().map(|z| intern(z)).collect(),
                 stats: previous.get(&addr).map(|s| Arc::clone(s)).unwrap_or_default(),
             });
         }
@@ -393,6 +422,16 @@ impl Table {
         }
         next.versions.insert(kind, version.to_owned());
         Ok(next)
+    }
+
+    /// The names of one type's resources in the table.
+    pub fn names(&self, kind: ResourceType) -> Vec<String> {
+        match kind {
+            ResourceType::Listener => self.listeners.keys().cloned().collect(),
+            ResourceType::Cluster => self.settings.keys().cloned().collect(),
+            ResourceType::ClusterLoadAssignment => self.assignments.keys().cloned().collect(),
+            ResourceType::RouteConfiguration | ResourceType::Secret => Vec::new(),
+        }
     }
 
     /// Brings `by_key` up to date for the addresses of the listeners that changed: each address is served by
@@ -483,6 +522,19 @@ impl EndpointStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_stored_once_and_unused_ones_swept() {
+        let a = intern("node-interned");
+        assert!(Arc::ptr_eq(&a, &intern("node-interned")));
+        // Enough short-lived names to force sweeps: the set stays bounded, a name still in use survives them.
+        for i in 0..10_000 {
+            drop(intern(&format!("gone-{i}")));
+        }
+        let len = NAMES.lock().unwrap().set.as_ref().map_or(0, |s| s.len());
+        assert!(len < 2_100, "unused names accumulate: {len}");
+        assert!(Arc::ptr_eq(&a, &intern("node-interned")));
+    }
     use xds_proto::cluster::cluster::LbPolicy;
     use xds_proto::codec::encode;
     use xds_proto::core::{Address, Locality, SocketAddress};
@@ -591,7 +643,7 @@ mod tests {
         let c = &t.clusters["ns/web/80"];
         assert_eq!(c.affinity, Some(Duration::from_secs(60)));
         let eps: Vec<(String, Health, &str)> =
-            c.endpoints.iter().map(|e| (e.addr.to_string(), e.health, e.node.as_str())).collect();
+            c.endpoints.iter().map(|e| (e.addr.to_string(), e.health, &*e.node)).collect();
         assert_eq!(
             eps,
             [

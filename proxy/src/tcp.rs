@@ -20,7 +20,8 @@
 //!   always means "the socket has no data" and from the draining splice "the socket's send buffer is full":
 //!   exactly what Tokio's readiness needs to be told. If splice is unavailable (`EINVAL`/`ENOSYS`, or no pipe
 //!   can be made, e.g. out of file descriptors), that direction continues with a plain userspace copy, after
-//!   handing on whatever was already in its pipe. Each connection costs four extra descriptors (two pipes).
+//!   handing on whatever was already in its pipe. A direction starts in userspace and turns to splice only when
+//!   one read fills its 16 KiB buffer: a short exchange (the common request/reply) never pays for a pipe.
 //! - **SIGPIPE.** A splice into a socket whose peer has gone raises `SIGPIPE` (the kernel does not pass
 //!   `MSG_NOSIGNAL` for splice). Rust's runtime ignores `SIGPIPE` before `main`, so this surfaces as `EPIPE`;
 //!   a binary that changes that disposition must not use this module.
@@ -37,7 +38,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::balance::{self, EJECT_AFTER_FAILURES, EJECT_FOR};
-use crate::state::{ProxyMetrics, ServiceLabels, Shared};
+use crate::state::{CounterCache, ProxyMetrics, ServiceCounters, Shared};
 use crate::table::{Cluster, Endpoint, ListenKey};
 
 /// How long the accept loop pauses after an accept error that would recur at once (out of file descriptors or
@@ -46,6 +47,11 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Buffer of one direction of the userspace copy.
 const COPY_BUF: usize = 64 * 1024;
+
+/// Buffer of a direction's first, userspace phase. A read that fills it means the sender is streaming, and the
+/// direction turns to splice; a short exchange (a request, a reply) never needs a pipe.
+#[cfg(target_os = "linux")]
+const PROBE_BUF: usize = 16 * 1024;
 
 /// Why a connection could not be served. Logged at debug level (one per connection would flood the logs at
 /// info); the counts are in the metrics.
@@ -123,6 +129,7 @@ pub enum TcpError {
 pub async fn serve(listener: TcpListener, key: ListenKey, shared: Arc<Shared>, stop: Shutdown) {
     let stopped = stop.wait();
     tokio::pin!(stopped);
+    let counters = Arc::new(CounterCache::default());
     loop {
         let accepted = tokio::select! {
             biased;
@@ -134,9 +141,10 @@ pub async fn serve(listener: TcpListener, key: ListenKey, shared: Arc<Shared>, s
                 // Counted before the task is spawned, so a drain that starts now already sees it.
                 let tracked = shared.conns.track();
                 let shared = shared.clone();
+                let counters = counters.clone();
                 tokio::spawn(async move {
                     let _tracked = tracked;
-                    if let Err(e) = connection(client, peer, key, &shared).await {
+                    if let Err(e) = connection(client, peer, key, &shared, &counters).await {
                         debug!(listen = %key.addr, client = %peer, error = %e, "TCP connection failed");
                     }
                 });
@@ -163,46 +171,48 @@ pub async fn serve(listener: TcpListener, key: ListenKey, shared: Arc<Shared>, s
 }
 
 /// Serves one accepted connection.
-async fn connection(client: TcpStream, peer: SocketAddr, key: ListenKey, shared: &Shared) -> Result<(), TcpError> {
-    let m = &shared.metrics;
-    let (upstream, addr, labels, _active) = {
+async fn connection(
+    client: TcpStream,
+    peer: SocketAddr,
+    key: ListenKey,
+    shared: &Shared,
+    counters: &CounterCache,
+) -> Result<(), TcpError> {
+    let (upstream, addr, c, _active) = {
         // The table is held only until connected (see the module docs).
         let table = shared.table.load_full();
         let Some(listener) = table.by_key.get(&key) else {
-            refuse(client, &m.failed.get_or_create_owned(&ProxyMetrics::labels("", false)));
+            refuse(client, &shared.metrics.failed.get_or_create_owned(&ProxyMetrics::labels("", false)));
             return Err(TcpError::NoListener { addr: key.addr });
         };
-        let labels = ProxyMetrics::labels(&listener.service, false);
+        let c = counters.get(&shared.metrics, &listener.service, false);
         let Some(cluster) = table.clusters.get(&listener.cluster) else {
-            refuse(client, &m.failed.get_or_create_owned(&labels));
+            refuse(client, &c.failed);
             return Err(TcpError::NoCluster { service: listener.service.clone(), cluster: listener.cluster.clone() });
         };
         let cands = balance::candidates(cluster, listener.local_only, &shared.here);
         if cands.is_empty() {
-            refuse(client, &m.failed.get_or_create_owned(&labels));
+            refuse(client, &c.failed);
             return Err(TcpError::NoEndpoint { service: listener.service.clone(), local_only: listener.local_only });
         }
-        match connect(cluster, &cands, peer.ip(), shared, &labels, &listener.service).await {
-            Ok((upstream, ep)) => (upstream, ep.addr, labels, balance::Active::new(&ep.stats)),
+        match connect(cluster, &cands, peer.ip(), shared, &c).await {
+            Ok((upstream, ep)) => (upstream, ep.addr, c, balance::Active::new(&ep.stats)),
             Err(e) => {
-                refuse(client, &m.failed.get_or_create_owned(&labels));
+                refuse(client, &c.failed);
                 return Err(e);
             }
         }
     };
-    for s in [&client, &upstream] {
-        // Proxied bytes must not wait for Nagle: the peers chose their own write sizes.
-        if let Err(e) = s.set_nodelay(true) {
-            debug!(error = %e, "TCP_NODELAY not set");
-        }
+    // Proxied bytes must not wait for Nagle: the peers chose their own write sizes. (The client side inherits
+    // TCP_NODELAY from the listening socket, see `listeners::bind_tcp`.)
+    if let Err(e) = upstream.set_nodelay(true) {
+        debug!(error = %e, "TCP_NODELAY not set");
     }
-    m.opened.get_or_create(&labels).inc();
-    let _open = OpenGauge::new(m.active.get_or_create_owned(&labels));
-    let sent = m.bytes_sent.get_or_create_owned(&labels);
-    let received = m.bytes_received.get_or_create_owned(&labels);
-    let (to_endpoint, to_client) = (|n| _ = sent.inc_by(n), |n| _ = received.inc_by(n));
+    c.opened.inc();
+    let _open = OpenGauge::new(c.active.clone());
+    let (to_endpoint, to_client) = (|n| _ = c.bytes_sent.inc_by(n), |n| _ = c.bytes_received.inc_by(n));
     pump(client, upstream, Mode::Splice, to_endpoint, to_client).await.map_err(|source| TcpError::Copy {
-        service: labels.service.clone(),
+        service: c.labels.service.clone(),
         addr,
         source,
     })
@@ -215,9 +225,9 @@ async fn connect<'a>(
     cands: &[&'a Endpoint],
     client: IpAddr,
     shared: &Shared,
-    labels: &ServiceLabels,
-    service: &str,
+    c: &ServiceCounters,
 ) -> Result<(TcpStream, &'a Endpoint), TcpError> {
+    let service = c.labels.service.as_str();
     let cfg = &shared.cfg;
     let mut tried = Vec::new();
     let mut last = None;
@@ -233,9 +243,9 @@ async fn connect<'a>(
         };
         debug!(service, endpoint = %ep.addr, error = %err, "connect failed; trying another endpoint if any");
         tried.push(ep.addr);
-        shared.metrics.connect_failures.get_or_create(labels).inc();
+        c.connect_failures.inc();
         if balance::failed(&ep.stats) {
-            shared.metrics.ejections.get_or_create(labels).inc();
+            c.ejections.inc();
             warn!(
                 service, endpoint = %ep.addr, error = %err,
                 "endpoint ejected for {EJECT_FOR:?} after {EJECT_AFTER_FAILURES} connect failures in a row"
@@ -331,8 +341,18 @@ async fn pump(
 
 /// One direction: `src` to `dst` until EOF, then shut down `dst`'s write half.
 async fn forward(src: &TcpStream, dst: &TcpStream, mode: Mode, count: &(impl Fn(u64) + Sync)) -> io::Result<()> {
+    // Short exchanges are cheaper copied than spliced: a pipe costs two descriptors and four syscalls to make
+    // and close, and a splice pair costs more than a read/write pair for a few hundred bytes. So a direction
+    // starts with a small userspace buffer and turns to splice only once a read fills it.
     #[cfg(target_os = "linux")]
-    let done = mode == Mode::Splice && splice::forward(src, dst, count).await?;
+    let done = mode == Mode::Splice
+        && match copy_until_bulk(src, dst, count).await? {
+            true => true,
+            false => {
+                SPLICED.fetch_add(1, Ordering::Relaxed);
+                splice::forward(src, dst, count).await?
+            }
+        };
     #[cfg(not(target_os = "linux"))]
     let done = {
         let _ = mode;
@@ -347,6 +367,76 @@ async fn forward(src: &TcpStream, dst: &TcpStream, mode: Mode, count: &(impl Fn(
         Err(e) => Err(e.into()),
     }
 }
+
+/// Copies `src` to `dst` through userspace until EOF (`Ok(true)`) or until one read fills the buffer
+/// (`Ok(false)`: bulk data is flowing; everything read so far has been written).
+#[cfg(target_os = "linux")]
+async fn copy_until_bulk(src: &TcpStream, dst: &TcpStream, count: &impl Fn(u64)) -> io::Result<bool> {
+    // Read into spare capacity (`try_read_buf`): nothing to zero first. Taken on first data, not up front:
+    // many directions carry nothing at all.
+    let mut buf: Option<ProbeBuf> = None;
+    loop {
+        src.readable().await?;
+        let b = &mut buf.get_or_insert_with(ProbeBuf::take).0;
+        b.clear();
+        let n = match src.try_read_buf(b) {
+            Ok(0) => return Ok(true),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        write_all(dst, &b[..n]).await?;
+        count(n as u64);
+        if n == b.capacity() {
+            return Ok(false);
+        }
+    }
+}
+
+/// A first-phase buffer from a per-thread pool, given back when dropped: a 16 KiB allocation and free per
+/// direction per connection cost more than the copy itself at high connection rates (they fall outside the
+/// allocator's small-size caches).
+#[cfg(target_os = "linux")]
+struct ProbeBuf(Vec<u8>);
+
+#[cfg(target_os = "linux")]
+thread_local! {
+    static PROBE_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Buffers a thread keeps for reuse (4 MiB at most).
+#[cfg(target_os = "linux")]
+const PROBE_POOL: usize = 256;
+
+#[cfg(target_os = "linux")]
+impl ProbeBuf {
+    fn take() -> Self {
+        ProbeBuf(PROBE_BUFS.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(PROBE_BUF)))
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for ProbeBuf {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.0);
+        if v.capacity() == PROBE_BUF {
+            // `try_with`: during thread teardown the pool may be gone; the buffer is then simply freed.
+            let _ = PROBE_BUFS.try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < PROBE_POOL {
+                    p.push(v);
+                }
+            });
+        }
+    }
+}
+
+/// Directions that turned to splice since the process started (the rest stayed in the userspace phase).
+pub fn spliced() -> u64 {
+    SPLICED.load(Ordering::Relaxed)
+}
+
+static SPLICED: AtomicU64 = AtomicU64::new(0);
 
 /// The userspace copy of one direction, until EOF. Works on shared references (readiness-based `try_read` /
 /// `try_write`) so both directions of a connection run in one task without splitting the streams, and a
@@ -482,6 +572,7 @@ mod tests {
     use super::*;
     use crate::balance::{Algorithm, Locality};
     use crate::state::DataConfig;
+    use crate::state::ServiceLabels;
     use crate::table::{AddressKind, EndpointStats, Health, Protocol, ServiceListener, Table, now_ms};
 
     /// Bound for what must happen; generous so a loaded machine does not flake.
@@ -520,7 +611,7 @@ mod tests {
                 addr,
                 health: Health::Ready,
                 node: "n1".into(),
-                zone: String::new(),
+                zone: "".into(),
                 for_zones: Vec::new(),
                 stats: Arc::default(),
             })
@@ -815,7 +906,10 @@ mod tests {
         assert_eq!(p.count(|m, l| m.bytes_sent.get_or_create(l).get()), LEN as u64);
         assert_eq!(p.count(|m, l| m.bytes_received.get_or_create(l).get()), LEN as u64);
         #[cfg(target_os = "linux")]
-        assert_eq!(splice_fallbacks(), 0, "splice was not used");
+        {
+            assert_eq!(splice_fallbacks(), 0, "splice was not used");
+            assert_eq!(spliced(), 2, "both directions of a bulk transfer turn to splice");
+        }
         println!("64 MiB each way through the proxy in {took:?}");
     }
 
@@ -843,7 +937,17 @@ mod tests {
     async fn proxy_streams_splices_both_ways() {
         both_ways(proxy_streams, 64 << 20).await;
         #[cfg(target_os = "linux")]
-        assert_eq!(splice_fallbacks(), 0, "splice was not used");
+        {
+            assert_eq!(splice_fallbacks(), 0, "splice was not used");
+            assert_eq!(spliced(), 2, "both directions turned to splice");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_exchange_needs_no_pipe() {
+        // Smaller than the first-phase buffer each way: copied in userspace, byte-exact, and no pipe made.
+        both_ways(proxy_streams, 1000).await;
+        assert_eq!(spliced(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -551,7 +551,7 @@ mod tests {
             addr,
             health: Health::Ready,
             node: "n1".into(),
-            zone: String::new(),
+            zone: "".into(),
             for_zones: Vec::new(),
             stats: Arc::default(),
         }

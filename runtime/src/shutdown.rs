@@ -1,9 +1,11 @@
 //! Shutdown: the one primitive every task of a binary watches, and the signals that trigger it.
 //!
-//! Why a `watch` channel holding a `bool` rather than a `Notify` or a broadcast: the state is sticky. A task
+//! Why a sticky flag next to a `Notify` rather than a bare `Notify` or a broadcast: the state is sticky. A task
 //! that starts waiting *after* the trigger (an accept loop spawned late, a connection accepted during the
-//! drain) must still see it, and a `Notify` or broadcast message sent before it subscribed would be lost.
-//! `watch` also lets any number of tasks wait without the sender knowing them.
+//! drain) must still see it, and a notification sent before it subscribed would be lost. A waiter registers
+//! with the `Notify` before it reads the flag, so a trigger in between cannot be missed. Not a `watch`
+//! channel: a node proxy holds one flag per Service address (10,000 and more), and a `watch` costs about ten
+//! times the memory (its sender carries eight notifiers and a lock).
 //!
 //! The drain sequence (SIGTERM → stop accepting → finish open connections up to a deadline → exit) is built
 //! from this: `main` awaits [`signal`], calls [`Shutdown::trigger`], listeners stop on [`Shutdown::wait`],
@@ -11,8 +13,9 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::RuntimeError;
 
@@ -35,34 +38,45 @@ pub enum ShutdownError {
 /// every clone sees it. Triggering is permanent and idempotent.
 #[derive(Clone)]
 pub struct Shutdown {
-    // The sender is shared (not one per clone) so that triggering through any clone reaches all of them,
-    // and it outlives every waiter, so `wait_for` below can never see a closed channel.
-    tx: Arc<watch::Sender<bool>>,
+    inner: Arc<Flag>,
+}
+
+#[derive(Default)]
+struct Flag {
+    triggered: AtomicBool,
+    notify: Notify,
 }
 
 impl Shutdown {
     /// A new, untriggered flag.
     pub fn new() -> Self {
-        Shutdown { tx: Arc::new(watch::Sender::new(false)) }
+        Shutdown { inner: Arc::default() }
     }
 
     /// Starts the shutdown: every current and future [`wait`](Self::wait) resolves. Calling it again is a
     /// no-op (no second wake-up).
     pub fn trigger(&self) {
-        self.tx.send_if_modified(|triggered| !std::mem::replace(triggered, true));
+        if !self.inner.triggered.swap(true, Ordering::SeqCst) {
+            self.inner.notify.notify_waiters();
+        }
     }
 
     /// Whether [`trigger`](Self::trigger) has been called, for loops that poll rather than await.
     pub fn is_triggered(&self) -> bool {
-        *self.tx.borrow()
+        self.inner.triggered.load(Ordering::SeqCst)
     }
 
     /// Resolves once the shutdown is triggered; at once if it already was. Cancel-safe, so it can sit in a
     /// `tokio::select!` next to `accept()`.
     pub async fn wait(&self) {
-        let mut rx = self.tx.subscribe();
-        // `self` holds the sender, so the channel cannot close while we wait: the only error is impossible.
-        let _ = rx.wait_for(|triggered| *triggered).await;
+        let notified = self.inner.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: a trigger after the read wakes this waiter.
+        notified.as_mut().enable();
+        if self.is_triggered() {
+            return;
+        }
+        notified.await;
     }
 }
 

@@ -286,8 +286,10 @@ impl Folder {
 
 fn control_config(manifests: &Path, xds_addr: SocketAddr) -> mesh_control::app::Config {
     mesh_control::app::Config {
-        manifests: manifests.to_owned(),
-        debounce: Duration::from_millis(20),
+        source: mesh_control::app::SourceConfig::Manifests {
+            dir: manifests.to_owned(),
+            debounce: Duration::from_millis(20),
+        },
         translate: mesh_control::translate::Options::default(),
         xds_addr,
         xds: mesh_control::xds::XdsConfig::default(),
@@ -305,6 +307,7 @@ fn proxy_config(source: Source) -> proxy::Config {
         data: DataConfig::default(),
         interface: None,
         logging: None,
+        state_dir: None,
     }
 }
 

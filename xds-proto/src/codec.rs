@@ -8,7 +8,7 @@
 //! proto3 mapping a real Envoy reads, `Any` included.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex, PoisonError};
 
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, SerializeOptions};
@@ -39,8 +39,11 @@ pub enum CodecError {
     },
 }
 
-struct Descriptors {
-    pool: DescriptorPool,
+/// What canonical encoding needs, kept for the life of the process (a few hundred KiB); the descriptor pool
+/// it is derived from is not (see [`release_pool`]).
+struct Plans {
+    /// Every message type the pool knows (full names): to refuse an unknown type without the pool.
+    known: HashSet<String>,
     /// A walk plan for every message that contains a map field, directly or through a message field: the only
     /// ones worth rewriting. Indexed by position; `plan_of` finds a message's plan by name.
     plans: Vec<Plan>,
@@ -69,9 +72,12 @@ impl Plan {
     }
 }
 
-static DESCRIPTORS: LazyLock<Descriptors> = LazyLock::new(|| {
-    let pool = DescriptorPool::decode(&include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"))[..])
-        .expect("the descriptor set compiled by build.rs decodes");
+/// The descriptor pool, decoded on first use and kept until [`release_pool`].
+static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);
+
+static PLANS: LazyLock<Plans> = LazyLock::new(|| {
+    let pool = pool();
+    let known = pool.all_messages().map(|m| m.full_name().to_owned()).collect();
     let mut has_map: HashSet<String> =
         pool.all_messages().filter(|m| m.fields().any(|f| f.is_map())).map(|m| m.full_name().to_owned()).collect();
     loop {
@@ -113,12 +119,25 @@ static DESCRIPTORS: LazyLock<Descriptors> = LazyLock::new(|| {
             Plan { fields }
         })
         .collect();
-    Descriptors { pool, plans, plan_of }
+    Plans { known, plans, plan_of }
 });
 
-/// The descriptor pool of every Envoy type we emit (and what they import).
-pub fn pool() -> &'static DescriptorPool {
-    &DESCRIPTORS.pool
+/// The descriptor pool of every Envoy type we emit (and what they import). A cheap handle (the pool is
+/// reference-counted); decoded again after a [`release_pool`].
+pub fn pool() -> DescriptorPool {
+    let mut slot = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+    slot.get_or_insert_with(|| {
+        DescriptorPool::decode(&include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"))[..])
+            .expect("the descriptor set compiled by build.rs decodes")
+    })
+    .clone()
+}
+
+/// Drops the cached descriptor pool (about 8 MiB of heap). Only the JSON mapping needs it: a node proxy reads
+/// one snapshot file at start and then never again, so it gives the memory back. Handles already taken stay
+/// valid; the next [`to_json`]/[`from_json`] decodes the pool again.
+pub fn release_pool() {
+    POOL.lock().unwrap_or_else(PoisonError::into_inner).take();
 }
 
 fn type_name(type_url: &str) -> &str {
@@ -149,12 +168,16 @@ pub fn pack_any<M: Message + prost::Name>(msg: &M) -> Any {
 /// sorted (and written after the message's other fields), at every depth. Other bytes are kept as they are.
 /// Sorting never changes a length, so nested messages are rewritten in place.
 pub fn canonicalize(type_name: &str, bytes: &[u8]) -> Result<Vec<u8>, CodecError> {
-    let desc = descriptor(type_name)?;
+    let name = self::type_name(type_name);
+    let plans = &*PLANS;
+    if !plans.known.contains(name) {
+        return Err(CodecError::UnknownType(name.to_owned()));
+    }
     let mut out = Vec::with_capacity(bytes.len());
-    match DESCRIPTORS.plan_of.get(desc.full_name()) {
+    match plans.plan_of.get(name) {
         None => out.extend_from_slice(bytes),
         Some(plan) => canon_message(*plan, bytes, &mut out)
-            .map_err(|reason| CodecError::Malformed { type_name: desc.full_name().to_owned(), reason })?,
+            .map_err(|reason| CodecError::Malformed { type_name: name.to_owned(), reason })?,
     }
     Ok(out)
 }
@@ -186,7 +209,7 @@ thread_local! {
 }
 
 fn canon_message(plan: usize, input: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
-    let plan = &DESCRIPTORS.plans[plan];
+    let plan = &PLANS.plans[plan];
     // Map entries, canonicalized into `scratch`: (field number, start, end), in order of appearance.
     let mut entries: Vec<(u32, usize, usize)> = Vec::new();
     let mut scratch: Option<Vec<u8>> = None;

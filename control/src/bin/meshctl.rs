@@ -85,13 +85,51 @@ enum Command {
         #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
         ingress_class: String,
     },
-    /// Start the whole local mesh from a manifest folder.
+    /// Exit 0 when an admin endpoint answers 2xx (a liveness/readiness probe for containers whose admin port
+    /// is loopback-only: an exec probe runs inside the Pod's network namespace, an HTTP probe from the kubelet
+    /// does not).
+    Probe {
+        /// The endpoint: http://127.0.0.1:PORT/PATH.
+        #[arg(default_value = "http://127.0.0.1:19000/ready")]
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 2)]
+        timeout: u64,
+    },
+    /// Start the whole local mesh from a manifest folder: mesh-control, mesh-proxy, mesh-ingress and demo Pods
+    /// on loopback. Ctrl-C stops it.
     Up {
-        /// The manifest folder.
+        /// The manifest folder (addresses in 127.0.0.0/8). Default: ./examples/shop if it exists, else a copy of
+        /// it built into meshctl, written to a temporary folder.
         #[arg(short = 'f', long)]
-        file: PathBuf,
+        file: Option<PathBuf>,
+        /// The node the proxy plays (Local traffic policies keep this node's endpoints).
+        #[arg(long, env = "MESH_NODE", default_value = "node-a")]
+        node: String,
+        /// Where mesh-control, mesh-proxy and mesh-ingress are. Default: next to meshctl.
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// The IngressClass mesh-ingress serves.
+        #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
+        ingress_class: String,
+        /// `namespace/name` of the Service in front of mesh-ingress: its endpoints are where mesh-ingress listens.
+        #[arg(long, default_value = "mesh-system/mesh-ingress")]
+        ingress_service: String,
     },
 }
+
+/// `examples/shop`, built in: `meshctl up` with no folder runs it.
+const EXAMPLE: [(&str, &str); 9] = [
+    ("api.yaml", include_str!("../../../examples/shop/api.yaml")),
+    ("dns.yaml", include_str!("../../../examples/shop/dns.yaml")),
+    ("ingress-service.yaml", include_str!("../../../examples/shop/ingress-service.yaml")),
+    ("ingress.yaml", include_str!("../../../examples/shop/ingress.yaml")),
+    ("ingressclass.yaml", include_str!("../../../examples/shop/ingressclass.yaml")),
+    ("legacy.yaml", include_str!("../../../examples/shop/legacy.yaml")),
+    ("notfound.yaml", include_str!("../../../examples/shop/notfound.yaml")),
+    ("tls.yaml", include_str!("../../../examples/shop/tls.yaml")),
+    ("web.yaml", include_str!("../../../examples/shop/web.yaml")),
+];
 
 fn offline(dir: &Path) -> anyhow::Result<Snapshot> {
     let loaded = load_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
@@ -139,6 +177,27 @@ impl Ask {
     }
 }
 
+/// One HTTP/1.0 GET over a plain socket: no client library for a probe run every few seconds.
+fn probe(url: &str, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").with_context(|| format!("{url}: only http:// URLs are probed"))?;
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+    let addr: std::net::SocketAddr = authority.parse().with_context(|| format!("{authority}: not IP:PORT"))?;
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connecting to {addr}"))?;
+    conn.set_read_timeout(Some(timeout))?;
+    conn.set_write_timeout(Some(timeout))?;
+    write!(conn, "GET {path} HTTP/1.0\r\nHost: {authority}\r\nConnection: close\r\n\r\n")?;
+    let mut head = Vec::new();
+    conn.take(4096).read_to_end(&mut head)?;
+    let text = String::from_utf8_lossy(&head);
+    let status = text.split_whitespace().nth(1).unwrap_or_default();
+    if !status.starts_with('2') {
+        bail!("{url} answered {:?}", text.lines().next().unwrap_or_default());
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     mesh_runtime::telemetry::init_tracing(&cli.log, false)?;
@@ -182,8 +241,37 @@ fn main() -> anyhow::Result<()> {
             let doc = xds_proto::snapshot_file::to_json(&role_name, items.iter().map(|(t, b)| (*t, &b[..])))?;
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
-        Command::Up { .. } => {
-            bail!("meshctl up is not built yet: it needs mesh-proxy and mesh-ingress, which are not built yet");
+        Command::Probe { url, timeout } => probe(&url, Duration::from_secs(timeout))?,
+        Command::Up { file, node, bin_dir, ingress_class, ingress_service } => {
+            let _embedded;
+            let dir = match file {
+                Some(dir) => dir,
+                None if Path::new("examples/shop").is_dir() => PathBuf::from("examples/shop"),
+                None => {
+                    let tmp = tempfile::tempdir().context("making a folder for the built-in example")?;
+                    for (name, text) in EXAMPLE {
+                        std::fs::write(tmp.path().join(name), text)?;
+                    }
+                    println!("using the built-in example, written to {}", tmp.path().display());
+                    let dir = tmp.path().to_owned();
+                    _embedded = tmp;
+                    dir
+                }
+            };
+            let bin_dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()?.parent().context("meshctl has no folder")?.to_owned(),
+            };
+            let cfg = mesh_control::up::UpConfig { dir, bin_dir, node, ingress_class, ingress_service };
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
+                let until = async {
+                    if let Err(e) = mesh_runtime::shutdown::signal().await {
+                        eprintln!("cannot wait for Ctrl-C: {e}");
+                        std::future::pending::<()>().await;
+                    }
+                };
+                mesh_control::up::run(cfg, until).await
+            })?;
         }
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! Sources: where the cluster state comes from, written into the [`Store`].
 //!
-//! Today that is a folder of manifests ([`manifests`]): loaded whole, watched, and synced into the store with
-//! [`sync`], which turns a full listing into the minimal [`Changes`] so translation recomputes only what moved.
+//! Two sources feed the same path: a folder of manifests ([`manifests`]), loaded whole, watched, and synced into
+//! the store with [`sync`], which turns a full listing into the minimal [`Changes`] so translation recomputes only
+//! what moved; and the Kubernetes API ([`crate::kubernetes`]), whose watchers send one [`Update`] per event. Both
+//! speak [`Update`], applied by [`apply`], so the app loop does not care which one runs.
 
 pub mod manifests;
 
@@ -9,7 +11,62 @@ pub use manifests::{Loaded, Rejected, SourceError, WatchHandle, load_dir, watch}
 
 use std::collections::BTreeSet;
 
+use crate::model::{Kind, Object, ObjectRef};
 use crate::store::{Changes, Store};
+
+/// One step of a source, in the order it happened.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// A full listing of every kind (the manifest folder): the store becomes exactly this, see [`sync`]. Complete
+    /// by itself, so the state may be served after it.
+    Full(Loaded),
+    /// A full listing of one kind (a watcher's first list, or its relist after `410 Gone`): objects of that kind
+    /// that are not in it were deleted while nobody watched, and are removed.
+    Relist {
+        /// The kind listed.
+        kind: Kind,
+        /// Every object of that kind.
+        objects: Vec<Object>,
+    },
+    /// An object was added or modified.
+    Apply(Object),
+    /// An object was deleted.
+    Delete(ObjectRef),
+    /// Every kind has been listed once: the state is complete and may be served. Never confuse an empty cluster
+    /// with one not yet listed.
+    Synced,
+}
+
+impl Update {
+    /// Whether the state is complete once this update is applied.
+    pub fn completes(&self) -> bool {
+        matches!(self, Update::Full(_) | Update::Synced)
+    }
+}
+
+/// Applies one update to the store, returning what it touched.
+pub fn apply(store: &mut Store, update: Update) -> Changes {
+    match update {
+        Update::Full(loaded) => sync(store, &loaded),
+        Update::Relist { kind, objects } => {
+            let mut changes = Changes::default();
+            let mut keep = BTreeSet::new();
+            for obj in objects {
+                keep.insert(obj.object_ref());
+                changes.merge(store.apply(obj));
+            }
+            for r in store.refs() {
+                if r.kind == kind && !keep.contains(&r) {
+                    changes.merge(store.delete(&r));
+                }
+            }
+            changes
+        }
+        Update::Apply(obj) => store.apply(obj),
+        Update::Delete(r) => store.delete(&r),
+        Update::Synced => Changes::default(),
+    }
+}
 
 /// Makes the store hold exactly the loaded objects: applies each one and deletes every object the store holds
 /// that the load does not, returning what that touched (empty when the folder did not change).
@@ -60,6 +117,28 @@ mod tests {
 
     fn services(ch: &Changes) -> Vec<String> {
         ch.services.iter().map(NsName::to_string).collect()
+    }
+
+    #[test]
+    fn a_relist_replaces_one_kind_and_removes_what_vanished() {
+        let mut store = Store::new();
+        let parse = |text: &str| match crate::model::Object::parse(serde_yaml::from_str(text).unwrap()).unwrap() {
+            crate::model::Parsed::Object(o) => o,
+            other => panic!("{other:?}"),
+        };
+        let a = parse(&svc("a", 80));
+        let b = parse(&svc("b", 80));
+        let s = parse(&slice("a-1", "a", "10.0.0.1"));
+        apply(&mut store, Update::Relist { kind: Kind::Service, objects: vec![a.clone(), b] });
+        apply(&mut store, Update::Apply(s));
+        assert_eq!(store.refs().len(), 3);
+        // b was deleted while the watch was down: the relist of Services drops it, and leaves the slice alone.
+        let ch = apply(&mut store, Update::Relist { kind: Kind::Service, objects: vec![a] });
+        assert_eq!(services(&ch), ["ns/b"]);
+        assert_eq!(store.refs().len(), 2);
+        let ch = apply(&mut store, Update::Delete(ObjectRef::new(Kind::EndpointSlice, "ns", "a-1")));
+        assert_eq!(services(&ch), ["ns/a"]);
+        assert!(!Update::Apply(parse(&svc("c", 1))).completes() && Update::Synced.completes());
     }
 
     #[test]

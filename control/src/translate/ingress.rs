@@ -64,6 +64,8 @@ pub const NOT_FOUND_BODY: &str = "404 page not found: no Ingress rule matches th
 pub struct IngressOut {
     /// Per IngressClass of ours.
     pub classes: BTreeMap<String, ClassOut>,
+    /// The Ingresses of our classes (whose status we own), even those with nothing routable.
+    pub served: BTreeSet<NsName>,
     /// What could not be translated.
     pub problems: Vec<Problem>,
 }
@@ -162,7 +164,11 @@ pub fn translate(store: &Store, opts: &Options) -> IngressOut {
         let class = named.or_else(|| annotation(&ing.metadata, CLASS_ANNOTATION)).or(default_class);
         let Some(class) = class else { continue };
         match by_class.get_mut(class) {
-            Some(list) => list.push((ing.metadata.creation_timestamp.as_ref(), ingress_ref(ing), ing)),
+            Some(list) => {
+                let me = ingress_ref(ing);
+                out.served.insert(NsName::new(&me.namespace, &me.name));
+                list.push((ing.metadata.creation_timestamp.as_ref(), me, ing));
+            }
             None if class == xds_proto::DEFAULT_INGRESS_CLASS && store.class(class).is_none() => {
                 out.problems.push(Problem::new(
                     ingress_ref(ing),

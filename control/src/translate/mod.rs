@@ -28,7 +28,21 @@ use crate::model::{NsName, ObjectRef};
 use crate::store::{Changes, Store};
 
 pub use envoy::Protocol;
-pub use service::ListenKey;
+pub use ingress::{CLASS_ANNOTATION, DEFAULT_CLASS_ANNOTATION, NGINX_SSL_REDIRECT_ANNOTATION, SSL_REDIRECT_ANNOTATION};
+pub use service::{HEADLESS_LABEL, ListenKey, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL};
+
+/// Every annotation translation reads (on Ingresses and IngressClasses). A source may drop all others before
+/// storing an object: they cannot change the snapshot, and in a cluster they are often large
+/// (`kubectl.kubernetes.io/last-applied-configuration` holds a copy of the whole object).
+pub const READ_ANNOTATIONS: &[&str] =
+    &[CLASS_ANNOTATION, DEFAULT_CLASS_ANNOTATION, SSL_REDIRECT_ANNOTATION, NGINX_SSL_REDIRECT_ANNOTATION];
+
+/// Every label translation reads (on Services, EndpointSlices and Nodes); a source may drop all others.
+pub const READ_LABELS: &[&str] =
+    &[SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL, ZONE_LABEL, crate::store::SERVICE_NAME_LABEL];
+
+/// The keys of a `kubernetes.io/tls` Secret's `data` translation reads; a source may drop the others.
+pub const READ_SECRET_KEYS: &[&str] = &["tls.crt", "tls.key"];
 
 /// One xDS resource, encoded once and shared by every client and every snapshot that holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -226,6 +240,11 @@ impl Translator {
     /// The current snapshot.
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
+    }
+
+    /// The Ingresses of our IngressClasses as of the last update: the ones whose `status` we own.
+    pub fn served_ingresses(&self) -> &BTreeSet<NsName> {
+        &self.ingress.served
     }
 
     /// Translates everything in the store.
