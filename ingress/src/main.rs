@@ -1,1 +1,124 @@
-fn main() {}
+//! `mesh-ingress`: the ingress proxy (a Deployment): TLS by SNI and Host/path routing per the Kubernetes Ingress
+//! API, on pingora.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use mesh_ingress::app::{self, Source};
+use mesh_ingress::proxy::Settings;
+
+/// The mesh ingress proxy: HTTP and HTTPS from users to the Pods of Ingress backends.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// The control plane, http://ADDR.
+    #[arg(long, env = "MESH_XDS", required_unless_present = "snapshot")]
+    xds: Option<String>,
+    /// Serve from a snapshot file (meshctl snapshot --role ingress) instead of a control plane.
+    #[arg(long, env = "MESH_SNAPSHOT", conflicts_with = "xds")]
+    snapshot: Option<PathBuf>,
+    /// xDS protocol variant: delta or sotw.
+    #[arg(long, env = "MESH_XDS_PROTOCOL", default_value = "delta")]
+    xds_protocol: xds_proto::client::Protocol,
+    /// The IngressClass to serve (its spec.controller must be mesh.dev/ingress-controller).
+    #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
+    ingress_class: String,
+    /// This instance's name over xDS (node.id): the pod name. Unset: POD_NAME (the downward API, as in
+    /// deploy/), else `mesh-ingress`.
+    #[arg(long, env = "MESH_NODE")]
+    node: Option<String>,
+    /// Where to serve plain HTTP.
+    #[arg(long, env = "MESH_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Where to serve HTTPS.
+    #[arg(long, env = "MESH_HTTPS_ADDR", default_value = "0.0.0.0:8443")]
+    https_addr: SocketAddr,
+    /// More addresses serving plain HTTP with the same routes (repeat the flag, or comma-separate).
+    #[arg(long, env = "MESH_EXTRA_HTTP_ADDR", value_delimiter = ',')]
+    extra_http_addr: Vec<SocketAddr>,
+    /// Where to serve the admin endpoints (/ready, /metrics, /config_dump, /logging); loopback only.
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:19002")]
+    admin_addr: SocketAddr,
+    /// Worker threads of the proxy.
+    #[arg(long, env = "MESH_THREADS", default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
+    threads: usize,
+    /// How long one upstream connect attempt may take, in milliseconds.
+    #[arg(long, env = "MESH_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
+    connect_timeout_ms: u64,
+    /// How many endpoints a request tries when connecting fails.
+    #[arg(long, env = "MESH_CONNECT_ATTEMPTS", default_value_t = 3)]
+    connect_attempts: usize,
+    /// The largest request header section, in bytes (larger: 431).
+    #[arg(long, env = "MESH_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
+    /// The largest request body, in bytes (larger: 413).
+    #[arg(long, env = "MESH_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    max_body_bytes: u64,
+    /// How long a client may take to send its request headers, in milliseconds.
+    #[arg(long, env = "MESH_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// How long an idle client keep-alive connection stays open, in seconds.
+    #[arg(long, env = "MESH_KEEPALIVE_S", default_value_t = 60)]
+    keepalive_s: u64,
+    /// Log one structured line per request (target "access").
+    #[arg(long, env = "MESH_ACCESS_LOG")]
+    access_log: bool,
+    /// On SIGTERM, how long open connections may take to finish, in seconds.
+    #[arg(long, env = "MESH_DRAIN_S", default_value_t = 30)]
+    drain_s: u64,
+    /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    log: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "MESH_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Also bridges pingora's `log` records into tracing.
+    let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
+    let source = match (args.xds, args.snapshot) {
+        (_, Some(path)) => Source::File(path),
+        (Some(endpoint), None) => Source::Xds { endpoint, protocol: args.xds_protocol },
+        (None, None) => anyhow::bail!("give --xds http://ADDR or --snapshot FILE"),
+    };
+    let cfg = app::Config {
+        source,
+        node: args
+            .node
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()))
+            .unwrap_or_else(|| "mesh-ingress".to_owned()),
+        ingress_class: args.ingress_class,
+        http_addr: args.http_addr,
+        https_addr: args.https_addr,
+        extra_http_addrs: args.extra_http_addr,
+        admin_addr: args.admin_addr,
+        threads: args.threads.max(1),
+        settings: Settings {
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+            connect_attempts: args.connect_attempts.max(1),
+            max_header_bytes: args.max_header_bytes,
+            max_body_bytes: args.max_body_bytes,
+            header_timeout: Duration::from_millis(args.header_timeout_ms),
+            keepalive_s: args.keepalive_s,
+            access_log: args.access_log,
+            ..Settings::default()
+        },
+        logging: Some(logging),
+    };
+    let app = app::build(cfg).await.context("starting mesh-ingress")?;
+    // One machine-readable line a supervisor or test can wait for.
+    println!("mesh-ingress http={} https={} admin={}", app.http_addr, app.https_addr, app.admin_addr);
+    let signal = mesh_runtime::shutdown::signal().await?;
+    tracing::info!(?signal, "draining");
+    let left = app.drain(Duration::from_secs(args.drain_s)).await;
+    if left > 0 {
+        tracing::warn!(left, "drain deadline passed with connections still open; closing them");
+    }
+    Ok(())
+}
