@@ -110,7 +110,11 @@ pub fn try_lines(t: &RouteTable, ingress_service: &str, ingress_running: bool) -
         let plain = t.ingress.iter().find(|r| {
             r.listener == "http" && r.host != "*" && !r.host.starts_with("*.") && !r.backend.starts_with("redirect")
         });
-        let tls = t.ingress.iter().find(|r| r.listener == "https" && r.host != "*" && !r.host.starts_with("*."));
+        // A host with its own certificate: plain HTTP to it is redirected to HTTPS.
+        let tls_host = |h: &str| {
+            t.ingress.iter().any(|r| r.listener == "http" && r.host == h && r.backend.starts_with("redirect"))
+        };
+        let tls = t.ingress.iter().find(|r| r.listener == "https" && !r.host.starts_with('*') && tls_host(&r.host));
         if let (Some(lb), Some(r)) = (lb, plain) {
             out.push(format!(
                 "curl -H 'Host: {}' http://{}{}    # User → LoadBalancer → ingress → {}",
@@ -538,7 +542,7 @@ mod tests {
         let t = shop();
         let with = try_lines(&t, "mesh-system/mesh-ingress", true);
         assert!(with.iter().any(|l| l.starts_with("curl -H 'Host: admin.example.com' http://127.30.0.1/")), "{with:?}");
-        assert!(with.iter().any(|l| l.contains("--resolve") && l.contains(":443:127.30.0.1")), "{with:?}");
+        assert!(with.iter().any(|l| l.contains("--resolve shop.example.com:443:127.30.0.1")), "{with:?}");
         assert!(with.iter().any(|l| l.contains("http://127.0.0.1:30080")), "{with:?}");
         assert!(with.iter().any(|l| l.starts_with("curl http://127.10.0.10:80/")), "{with:?}");
         let without = try_lines(&t, "mesh-system/mesh-ingress", false);
