@@ -223,7 +223,11 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
 }
 
 fn bind(addr: SocketAddr, what: &'static str) -> Result<std::net::TcpListener, AppError> {
-    std::net::TcpListener::bind(addr).map_err(|source| AppError::Bind { addr, what, source })
+    let l = std::net::TcpListener::bind(addr).map_err(|source| AppError::Bind { addr, what, source })?;
+    // Accepted connections inherit TCP_NODELAY from the listening socket (Linux). Without it a response written
+    // as a header and then a small body waits for the client's delayed ACK (about 40 ms) under Nagle's rule.
+    rustix::net::sockopt::set_tcp_nodelay(&l, true).map_err(|e| AppError::Bind { addr, what, source: e.into() })?;
+    Ok(l)
 }
 
 /// Starts the ingress.
