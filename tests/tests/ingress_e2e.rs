@@ -14,8 +14,10 @@ const CONVERGE: Duration = Duration::from_secs(30);
 
 fn control_config(manifests: &Path) -> mesh_control::app::Config {
     mesh_control::app::Config {
-        manifests: manifests.to_owned(),
-        debounce: Duration::from_millis(20),
+        source: mesh_control::app::SourceConfig::Manifests {
+            dir: manifests.to_owned(),
+            debounce: Duration::from_millis(20),
+        },
         translate: mesh_control::translate::Options::default(),
         xds_addr: "127.0.0.1:0".parse().expect("an address"),
         xds: mesh_control::xds::XdsConfig::default(),
