@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use mesh_tests::l4::ask_once;
 use mesh_tests::{Process, TcpEcho, eventually, free_port, http_get, wait_for_line, workspace_bin};
+use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -295,6 +296,14 @@ async fn a_killed_pod_and_a_rolling_update_under_load_lose_no_connection() -> an
     // (A connection that was already open to it when it died is cut, as with any Pod that dies: only
     // connections opened after the kill must all succeed.)
     pods[1] = None;
+    // Dropping the echo aborts its task; the socket closes when the runtime gets to it. Until then the kernel
+    // still completes handshakes for it (and resets them at close): the kill is done once connects are refused.
+    let pod2 = SocketAddr::from((ips[1], target));
+    eventually(WAIT, "pod-2 is gone", || async {
+        anyhow::ensure!(TcpStream::connect(pod2).await.is_err(), "pod-2 still accepts");
+        Ok(())
+    })
+    .await?;
     let after_kill = load.next_epoch();
     // pod-2 is reported not ready, pod-1 starts terminating (still serving), pod-4 (new) is ready.
     write(
