@@ -146,6 +146,35 @@ pub fn try_lines(t: &RouteTable, ingress_service: &str, ingress_running: bool) -
     out
 }
 
+/// The lowest port an unprivileged process may bind (`net.ipv4.ip_unprivileged_port_start`; 1024 if unknown).
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// What to tell a user whose Service addresses use ports this process may not bind: without the warning the
+/// mesh comes up and those addresses silently refuse connections (the proxy logs and retries the bind).
+pub fn low_port_warning(t: &RouteTable, root: bool, unprivileged_start: u16) -> Option<String> {
+    if root {
+        return None;
+    }
+    let low: BTreeSet<u16> = t
+        .addresses
+        .iter()
+        .filter_map(|r| r.address.rsplit_once(':')?.1.parse::<u16>().ok())
+        .filter(|p| *p < unprivileged_start)
+        .collect();
+    let first = low.iter().next()?;
+    let low = low.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    Some(format!(
+        "warning: the folder's Services listen on ports {low}, below {unprivileged_start}, which only root may bind: \
+         those addresses will refuse connections. Run as root, or allow low ports once with \
+         `sudo sysctl net.ipv4.ip_unprivileged_port_start={first}`."
+    ))
+}
+
 /// A running demo Pod.
 #[derive(Debug)]
 struct Pod {
@@ -374,6 +403,9 @@ async fn stop(s: &mut Started, grace: Duration) {
 /// Runs the local mesh until `until` resolves (Ctrl-C), then stops everything it started.
 pub async fn run(cfg: UpConfig, until: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let first = table(&cfg.dir, None)?;
+    if let Some(w) = low_port_warning(&first, rustix::process::geteuid().is_root(), unprivileged_port_start()) {
+        println!("{w}");
+    }
     let mut pods = Pods::default();
     let plan_now = plan(&first, &cfg.ingress_service);
     pods.reconcile(&plan_now).await;
@@ -537,6 +569,15 @@ mod tests {
             p.pods.get(&(Proto::Udp, "127.20.0.53:5353".parse().unwrap())).map(String::as_str),
             Some("shop/dns-6b7c8d9f0-g5h6j")
         );
+    }
+
+    #[test]
+    fn low_ports_are_warned_about_only_when_they_cannot_be_bound() {
+        let t = shop();
+        let w = low_port_warning(&t, false, 1024).expect("the example uses ports 53, 80 and 443");
+        assert!(w.contains("ports 53, 80, 443,") && w.contains("ip_unprivileged_port_start=53"), "{w}");
+        assert_eq!(low_port_warning(&t, true, 1024), None, "root binds anything");
+        assert_eq!(low_port_warning(&t, false, 0), None, "low ports allowed");
     }
 
     #[test]
