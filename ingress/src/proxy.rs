@@ -23,7 +23,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -85,52 +85,7 @@ impl Default for Settings {
     }
 }
 
-/// Counts open client connections, so drain can wait for them.
-#[derive(Debug, Default)]
-pub struct ConnTracker {
-    open: AtomicUsize,
-    idle: Notify,
-}
-
-/// Holds one count in a [`ConnTracker`] while it lives.
-#[derive(Debug)]
-pub struct Tracked(Arc<ConnTracker>);
-
-impl ConnTracker {
-    /// Counts a connection until the guard drops.
-    pub fn track(self: &Arc<Self>) -> Tracked {
-        self.open.fetch_add(1, Ordering::SeqCst);
-        Tracked(self.clone())
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
-
-    /// Waits until no connection is open or `deadline` passes; returns how many are still open.
-    pub async fn wait_idle(&self, deadline: Duration) -> usize {
-        let wait = async {
-            loop {
-                let notified = self.idle.notified();
-                if self.open() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        let _ = tokio::time::timeout(deadline, wait).await;
-        self.open()
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
+pub use mesh_runtime::{ConnTracker, Tracked};
 
 /// What the data path shares with the configuration handler and the admin server.
 #[derive(Debug)]

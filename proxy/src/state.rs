@@ -2,7 +2,6 @@
 //! balancing algorithm, metrics, and the count of open connections that drain waits for.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -11,7 +10,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::sync::Notify;
 
 use crate::balance::{Algorithm, Locality};
 use crate::table::Table;
@@ -141,52 +139,7 @@ impl CounterCache {
     }
 }
 
-/// Counts open connections so drain can wait for them.
-#[derive(Debug, Default)]
-pub struct ConnTracker {
-    open: AtomicUsize,
-    idle: Notify,
-}
-
-/// Holds one count in a [`ConnTracker`] while it lives.
-#[derive(Debug)]
-pub struct Tracked(Arc<ConnTracker>);
-
-impl ConnTracker {
-    /// Counts a connection until the returned guard drops.
-    pub fn track(self: &Arc<Self>) -> Tracked {
-        self.open.fetch_add(1, Ordering::SeqCst);
-        Tracked(self.clone())
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::SeqCst)
-    }
-
-    /// Waits until no connection is open, or `deadline` passes; returns how many are still open.
-    pub async fn wait_idle(&self, deadline: Duration) -> usize {
-        let wait = async {
-            loop {
-                let notified = self.idle.notified();
-                if self.open() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        let _ = tokio::time::timeout(deadline, wait).await;
-        self.open()
-    }
-}
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
+pub use mesh_runtime::{ConnTracker, Tracked};
 
 /// Settings of the data path.
 #[derive(Debug, Clone)]

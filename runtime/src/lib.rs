@@ -17,7 +17,7 @@ pub mod telemetry;
 
 pub use admin::{Admin, AdminBuilder, AdminError, AdminServer, JsonSource, LogFilter, Readiness};
 pub use metrics::{Metrics, MetricsError};
-pub use shutdown::{Shutdown, ShutdownError, Signal};
+pub use shutdown::{ConnTracker, Shutdown, ShutdownError, Signal, Tracked};
 pub use telemetry::{ReloadHandle, TelemetryError};
 
 /// Any error from this crate: one type for `main` to bubble up, the module's own enum inside for callers

@@ -13,7 +13,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
 
@@ -171,6 +171,54 @@ pub async fn signal() -> Result<Signal, RuntimeError> {
     Signals::new()?.recv().await
 }
 
+/// Counts open connections so a drain can wait for them: the second half of the drain primitive (stop accepting
+/// with [`Shutdown`], then wait here, bounded). Shared by the node proxy and the ingress.
+#[derive(Debug, Default)]
+pub struct ConnTracker {
+    open: AtomicUsize,
+    idle: Notify,
+}
+
+/// Holds one count in a [`ConnTracker`] while it lives (also when its task is cancelled).
+#[derive(Debug)]
+pub struct Tracked(Arc<ConnTracker>);
+
+impl ConnTracker {
+    /// Counts a connection until the returned guard drops.
+    pub fn track(self: &Arc<Self>) -> Tracked {
+        self.open.fetch_add(1, Ordering::SeqCst);
+        Tracked(self.clone())
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no connection is open, or `deadline` passes; returns how many are still open.
+    pub async fn wait_idle(&self, deadline: std::time::Duration) -> usize {
+        let wait = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.open() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(deadline, wait).await;
+        self.open()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -178,6 +226,22 @@ mod tests {
     use tokio::time::timeout;
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_tracker_waits_for_its_connections_up_to_a_deadline() {
+        let t = Arc::new(ConnTracker::default());
+        let a = t.track();
+        let b = t.track();
+        assert_eq!(t.open(), 2);
+        assert_eq!(t.wait_idle(Duration::from_millis(1)).await, 2, "the deadline bounds the wait");
+        drop(a);
+        let waiter = tokio::spawn({
+            let t = t.clone();
+            async move { t.wait_idle(Duration::from_secs(60)).await }
+        });
+        drop(b);
+        assert_eq!(waiter.await.unwrap(), 0, "the last close wakes the waiter");
+    }
 
     /// Bound for things that must happen; generous so a loaded CI machine does not flake.
     const SOON: Duration = Duration::from_secs(5);
