@@ -2,13 +2,12 @@
 //! converter ([`Table::apply`]). Either way an unusable resource rejects its type's update (a NACK over xDS, an
 //! error for a file) and the table in force stays as it was.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use tracing::{info, warn};
 use xds_proto::client::{Handler, Update};
-use xds_proto::snapshot_file::{self, FileResource, SnapshotFileError};
+use xds_proto::snapshot_file::{self, SnapshotFileError};
 use xds_proto::types::ResourceType;
 
 use crate::proxy::Shared;
@@ -17,22 +16,6 @@ use crate::table::TableError;
 /// Why a snapshot file could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read snapshot file {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The file is not JSON.
-    #[error("snapshot file {path} is not JSON: {source}")]
-    Json {
-        /// The file.
-        path: String,
-        /// What serde said.
-        source: serde_json::Error,
-    },
     /// The file is not a snapshot, or a resource in it is malformed.
     #[error("snapshot file {path}: {source}")]
     File {
@@ -110,21 +93,14 @@ impl Handler for XdsHandler {
 /// shared table; a file written for another IngressClass is refused.
 pub fn load_file(path: &Path, class: &str, shared: &Shared) -> Result<(), ConfigError> {
     let shown = path.display().to_string();
-    let text = std::fs::read(path).map_err(|source| ConfigError::Read { path: shown.clone(), source })?;
-    let doc: serde_json::Value =
-        serde_json::from_slice(&text).map_err(|source| ConfigError::Json { path: shown.clone(), source })?;
-    let (role, resources) =
-        snapshot_file::from_json(&doc).map_err(|source| ConfigError::File { path: shown.clone(), source })?;
+    let (role, mut by_type) =
+        snapshot_file::read(path).map_err(|source| ConfigError::File { path: shown.clone(), source })?;
     let ours = match role.split_once('/') {
         None => role == xds_proto::client::ROLE_INGRESS,
         Some((r, c)) => r == xds_proto::client::ROLE_INGRESS && c == class,
     };
     if !ours {
         return Err(ConfigError::Role { path: shown, role, class: class.to_owned() });
-    }
-    let mut by_type: BTreeMap<ResourceType, BTreeMap<String, FileResource>> = BTreeMap::new();
-    for r in resources {
-        by_type.entry(r.kind).or_default().insert(r.name.clone(), r);
     }
     let mut table = (**shared.table.load()).clone();
     for kind in ResourceType::ALL {

@@ -5,6 +5,8 @@
 //! config dump, so an operator can read it and a real Envoy's tools understand it:
 //! `{"role": "proxy", "resources": [{"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", ...}, ...]}`.
 
+use std::collections::BTreeMap;
+
 use prost::Message;
 use serde_json::{Map, Value};
 
@@ -14,6 +16,12 @@ use crate::types::ResourceType;
 /// Why a snapshot file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotFileError {
+    /// The file could not be read.
+    #[error("cannot be read: {0}")]
+    Read(#[source] std::io::Error),
+    /// The file is not JSON.
+    #[error("is not JSON: {0}")]
+    Json(#[source] serde_json::Error),
     /// The file is not shaped like a snapshot file.
     #[error(
         "not a snapshot file: {0} (expected {{\"role\": ..., \"resources\": [...]}} as written by meshctl snapshot)"
@@ -88,6 +96,22 @@ pub fn to_json<'a>(
     Ok(Value::Object(doc))
 }
 
+/// A snapshot's resources by type and name.
+pub type ByType = BTreeMap<ResourceType, BTreeMap<String, FileResource>>;
+
+/// Reads a snapshot file from disk: its role and its resources by type and name. The one reader of the node
+/// proxy and the ingress (each then checks the role is its own).
+pub fn read(path: &std::path::Path) -> Result<(String, ByType), SnapshotFileError> {
+    let text = std::fs::read(path).map_err(SnapshotFileError::Read)?;
+    let doc: Value = serde_json::from_slice(&text).map_err(SnapshotFileError::Json)?;
+    let (role, resources) = from_json(&doc)?;
+    let mut by_type = ByType::new();
+    for r in resources {
+        by_type.entry(r.kind).or_default().insert(r.name.clone(), r);
+    }
+    Ok((role, by_type))
+}
+
 /// Reads a snapshot file document: its role and its resources.
 pub fn from_json(doc: &Value) -> Result<(String, Vec<FileResource>), SnapshotFileError> {
     let role = doc.get("role").and_then(Value::as_str).ok_or_else(|| SnapshotFileError::Shape("no \"role\"".into()))?;
@@ -141,6 +165,12 @@ mod tests {
 
     #[test]
     fn bad_files_are_errors() {
+        let dir = std::env::temp_dir().join(format!("mesh-snapshot-file-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(matches!(read(&dir.join("absent.json")), Err(SnapshotFileError::Read(_))));
+        std::fs::write(dir.join("text.json"), "not json").unwrap();
+        assert!(matches!(read(&dir.join("text.json")), Err(SnapshotFileError::Json(_))));
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(matches!(from_json(&serde_json::json!([])), Err(SnapshotFileError::Shape(_))));
         let unknown = serde_json::json!({"role": "proxy", "resources": [{"@type": "type.googleapis.com/x.Y"}]});
         assert!(matches!(from_json(&unknown), Err(SnapshotFileError::UnsupportedType { index: 0, .. })));
