@@ -386,11 +386,16 @@ impl Translator {
     fn resolve_claims(&mut self, addrs: &BTreeSet<ListenKey>) -> bool {
         let mut changed = false;
         let listeners = self.snapshot.proxy.get_mut(ResourceType::Listener);
+        // Every old winner goes first, then every new one is put in: one listener name can move between
+        // addresses (a port whose protocol or nodePort changed keeps its name), and removing the old address's
+        // listener after the new one was inserted would remove the new one.
         for addr in addrs {
             if let Some(old) = self.winners.remove(addr) {
                 listeners.remove(&old);
             }
             changed |= self.conflicts.remove(addr).is_some();
+        }
+        for addr in addrs {
             let Some(claims) = self.claims.get(addr) else { continue };
             let mut it = claims.iter();
             let Some((winner_order, winner)) = it.next() else { continue };
