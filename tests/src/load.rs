@@ -209,7 +209,7 @@ impl Control {
         Arc::new(Control::default())
     }
 
-    /// Marks that SIGTERM is about to be sent: failures from now on are stamped `after_term`.
+    /// Marks that SIGTERM is about to be sent: failures seen from now on are stamped `after_term`.
     pub fn terminating(&self) {
         self.terminated.store(true, Ordering::SeqCst);
     }
@@ -224,6 +224,10 @@ impl Control {
         self.answered.load(Ordering::SeqCst)
     }
 
+    fn terminated(&self) -> bool {
+        self.terminated.load(Ordering::SeqCst)
+    }
+
     fn id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::SeqCst)
     }
@@ -234,7 +238,9 @@ impl Control {
 pub struct Failure {
     /// The request's id (`None`: the connect failed, no request was sent).
     pub id: Option<u64>,
-    /// Whether SIGTERM had been sent when the request (or connect) started.
+    /// Whether SIGTERM had been sent when the failure was seen. (Stamped when seen, not when the request started:
+    /// a request started just before SIGTERM may well be on the wire when the drain begins, while a failure seen
+    /// before SIGTERM was sent cannot be the drain's doing.)
     pub after_term: bool,
     /// Whether the connect was refused (nothing listens any more).
     pub refused: bool,
@@ -327,22 +333,23 @@ pub fn steady(connect: Connect, host: &str, control: Arc<Control>) -> JoinHandle
             }
             let c = match client.as_mut() {
                 Some(c) => c,
-                None => {
-                    let after_term = control.terminated.load(Ordering::SeqCst);
-                    match open(&connect).await {
-                        Ok(c) => {
-                            report.connections += 1;
-                            client.insert(c)
-                        }
-                        Err(e) => {
-                            let refused = crate::net::is_refused(&e);
-                            report.failures.push(Failure { id: None, after_term, refused, error: format!("{e:#}") });
-                            break;
-                        }
+                None => match open(&connect).await {
+                    Ok(c) => {
+                        report.connections += 1;
+                        client.insert(c)
                     }
-                }
+                    Err(e) => {
+                        let refused = crate::net::is_refused(&e);
+                        report.failures.push(Failure {
+                            id: None,
+                            after_term: control.terminated(),
+                            refused,
+                            error: format!("{e:#}"),
+                        });
+                        break;
+                    }
+                },
             };
-            let after_term = control.terminated.load(Ordering::SeqCst);
             let id = control.id();
             match request(c, &host, id, false).await {
                 Ok(()) => {
@@ -350,7 +357,12 @@ pub fn steady(connect: Connect, host: &str, control: Arc<Control>) -> JoinHandle
                     control.answered.fetch_add(1, Ordering::SeqCst);
                 }
                 Err(e) => {
-                    report.failures.push(Failure { id: Some(id), after_term, refused: false, error: format!("{e:#}") });
+                    report.failures.push(Failure {
+                        id: Some(id),
+                        after_term: control.terminated(),
+                        refused: false,
+                        error: format!("{e:#}"),
+                    });
                     client = None;
                 }
             }
@@ -365,18 +377,21 @@ pub fn slow(connect: Connect, host: &str, control: Arc<Control>, warmup: u32) ->
     let host = host.to_owned();
     tokio::spawn(async move {
         let mut report = Report::default();
-        let after_term = control.terminated.load(Ordering::SeqCst);
         let mut c = match open(&connect).await {
             Ok(c) => c,
             Err(e) => {
                 let refused = crate::net::is_refused(&e);
-                report.failures.push(Failure { id: None, after_term, refused, error: format!("{e:#}") });
+                report.failures.push(Failure {
+                    id: None,
+                    after_term: control.terminated(),
+                    refused,
+                    error: format!("{e:#}"),
+                });
                 return report;
             }
         };
         report.connections += 1;
         for i in 0..=warmup {
-            let after_term = control.terminated.load(Ordering::SeqCst);
             let id = control.id();
             let slow = i == warmup;
             match request(&mut c, &host, id, slow).await {
@@ -386,7 +401,12 @@ pub fn slow(connect: Connect, host: &str, control: Arc<Control>, warmup: u32) ->
                     report.slow_ok += u64::from(slow);
                 }
                 Err(e) => {
-                    report.failures.push(Failure { id: Some(id), after_term, refused: false, error: format!("{e:#}") });
+                    report.failures.push(Failure {
+                        id: Some(id),
+                        after_term: control.terminated(),
+                        refused: false,
+                        error: format!("{e:#}"),
+                    });
                     break;
                 }
             }
