@@ -82,6 +82,7 @@ pub struct App {
     /// Admin state (readiness).
     pub admin: Admin,
     client: Option<ClientHandle>,
+    saver: Option<Arc<saved::Saver>>,
     stop_listeners: Shutdown,
     stop_admin: Shutdown,
     manager: tokio::task::JoinHandle<Manager>,
@@ -103,6 +104,14 @@ impl App {
         }
         if let Some(c) = self.client {
             c.stop().await;
+        }
+        // No update comes after the client stopped: write the last one now, or the restart would not see it.
+        if let Some(saver) = self.saver {
+            match tokio::task::spawn_blocking(move || saver.write_pending()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!("cannot save the configuration before exiting: {e}"),
+                Err(e) => warn!("saving the configuration before exiting failed: {e}"),
+            }
         }
         self.stop_admin.trigger();
         left
@@ -157,6 +166,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let (admin_addr, _) = AdminServer::serve(cfg.admin_addr, admin.clone(), stop_admin.clone()).await?;
 
     let (changes_tx, changes_rx) = watch::channel(0u64);
+    let mut saver = None;
     let client = match &cfg.source {
         Source::File(path) => {
             if let Err(e) = config::load_file(path, &shared) {
@@ -205,9 +215,10 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                     }
                 };
                 let types: Vec<_> = loaded.keys().copied().collect();
-                let saver = saved::Saver::new(dir, loaded);
-                tokio::spawn(saver.clone().run());
-                handler = handler.saving(saver, types);
+                let s = saved::Saver::new(dir, loaded);
+                tokio::spawn(s.clone().run());
+                handler = handler.saving(s.clone(), types);
+                saver = Some(s);
             }
             let handle = client::spawn(c, handler);
             // Ready once every type the proxy needs has been accepted once; empty is an answer too.
@@ -226,5 +237,5 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let (listening_tx, listening) = watch::channel(Vec::new());
     let manager = Manager::new(shared.clone(), cfg.interface.as_deref());
     let manager = tokio::spawn(listeners::run(manager, changes_rx, stop_listeners.clone(), listening_tx));
-    Ok(App { admin_addr, shared, listening, admin, client, stop_listeners, stop_admin, manager })
+    Ok(App { admin_addr, shared, listening, admin, client, saver, stop_listeners, stop_admin, manager })
 }

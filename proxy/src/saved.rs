@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -72,12 +73,24 @@ pub struct Saver {
     path: PathBuf,
     state: Mutex<Resources>,
     dirty: Notify,
+    /// An accepted update not written yet. The drain writes it at once ([`Saver::write_pending`]): waiting
+    /// [`WRITE_AFTER`] there would lose an update accepted in the last second before SIGTERM, and a restart
+    /// during a control-plane outage would then serve the configuration before it.
+    pending: AtomicBool,
+    /// Held while the file is written, so the periodic write and the drain's never interleave.
+    writing: Mutex<()>,
 }
 
 impl Saver {
     /// A saver for `dir`, starting from `initial` (what was loaded from it, if anything).
     pub fn new(dir: &Path, initial: Resources) -> Arc<Self> {
-        Arc::new(Saver { path: dir.join(FILE), state: Mutex::new(initial), dirty: Notify::new() })
+        Arc::new(Saver {
+            path: dir.join(FILE),
+            state: Mutex::new(initial),
+            dirty: Notify::new(),
+            pending: AtomicBool::new(false),
+            writing: Mutex::new(()),
+        })
     }
 
     /// Records an accepted update of one type: `changed` with their bodies, `removed` gone.
@@ -100,12 +113,14 @@ impl Saver {
                 map.remove(name);
             }
         }
+        self.pending.store(true, Ordering::SeqCst);
         self.dirty.notify_one();
     }
 
     /// Replaces one type's resources entirely (the control plane's first answer after a saved start).
     pub fn replace(&self, kind: ResourceType, version: &str, all: BTreeMap<String, Bytes>) {
         self.state.lock().unwrap_or_else(PoisonError::into_inner).insert(kind, (version.to_owned(), all));
+        self.pending.store(true, Ordering::SeqCst);
         self.dirty.notify_one();
     }
 
@@ -114,16 +129,30 @@ impl Saver {
         loop {
             self.dirty.notified().await;
             tokio::time::sleep(WRITE_AFTER).await;
-            let snapshot = self.state.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            let path = self.path.clone();
-            match tokio::task::spawn_blocking(move || write(&path, &snapshot)).await {
-                Ok(Ok(bytes)) => debug!(path = %self.path.display(), bytes, "configuration saved"),
+            let me = self.clone();
+            match tokio::task::spawn_blocking(move || me.write_pending()).await {
+                Ok(Ok(Some(bytes))) => debug!(path = %self.path.display(), bytes, "configuration saved"),
+                Ok(Ok(None)) => {}
                 Ok(Err(e)) => {
                     warn!("cannot save the configuration (a restart without the control plane will start empty): {e}")
                 }
                 Err(e) => warn!("saving the configuration failed: {e}"),
             }
         }
+    }
+
+    /// Writes the accepted configuration now if an update has not been written yet; returns the bytes written
+    /// (`None`: nothing was pending). Blocking file I/O: call it from `spawn_blocking` on a runtime.
+    pub fn write_pending(&self) -> Result<Option<usize>, SavedError> {
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.pending.swap(false, Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let snapshot = self.state.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        write(&self.path, &snapshot).map(Some).inspect_err(|_| {
+            // Still unwritten: the next write tries again.
+            self.pending.store(true, Ordering::SeqCst);
+        })
     }
 }
 
@@ -212,6 +241,22 @@ mod tests {
         write(&dir.path().join(FILE), &state).unwrap();
         let (back, _) = read(dir.path()).unwrap().unwrap();
         assert_eq!(back, state);
+    }
+
+    /// What the drain relies on: an update recorded a moment ago is on disk after `write_pending`, without the
+    /// periodic writer's delay; a second call has nothing to write.
+    #[test]
+    fn a_pending_update_is_written_at_once_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let saver = Saver::new(dir.path(), Resources::new());
+        assert_eq!(saver.write_pending().unwrap(), None, "nothing accepted yet, nothing written");
+        assert!(read(dir.path()).unwrap().is_none());
+        let (kind, (version, map)) = resources().into_iter().next().unwrap();
+        saver.record(kind, &version, map.iter().map(|(k, v)| (k, v.clone())), &[]);
+        assert!(saver.write_pending().unwrap().is_some());
+        let (back, _) = read(dir.path()).unwrap().unwrap();
+        assert_eq!(back, resources());
+        assert_eq!(saver.write_pending().unwrap(), None, "already written");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// How long one request may take, connection included.
@@ -39,9 +40,29 @@ pub async fn http_get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Resul
 }
 
 async fn get(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<Reply> {
-    let ctx = || format!("GET http://{host}{path} via {addr}");
-    let stream = TcpStream::connect(addr).await.map_err(|e| anyhow::anyhow!("{}: connect: {e}", ctx()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("GET http://{host}{path} via {addr}: connect: {e}"))?;
+    get_on(stream, host, path).await.map_err(|e| e.context(format!("via {addr}")))
+}
+
+/// Sends `GET path` with header `Host: host` over a connection already made (one made inside a network
+/// namespace, or a TLS stream), closes it, and reads the whole answer. Bounded like [`http_get`].
+pub async fn http_get_on<S>(io: S, host: &str, path: &str) -> anyhow::Result<Reply>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::time::timeout(REQUEST_TIMEOUT, get_on(io, host, path))
+        .await
+        .map_err(|_| anyhow::anyhow!("GET http://{host}{path}: no answer within {REQUEST_TIMEOUT:?}"))?
+}
+
+async fn get_on<S>(io: S, host: &str, path: &str) -> anyhow::Result<Reply>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = || format!("GET http://{host}{path}");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| anyhow::anyhow!("{}: handshake: {e}", ctx()))?;
     let conn = tokio::spawn(conn);

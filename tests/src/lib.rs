@@ -8,6 +8,7 @@
 //! - [`envoy`]: finding the Envoy binary and running it from a generated ADS bootstrap.
 //! - [`net`]: free ports on loopback addresses.
 //! - [`l4`]: TCP and UDP echo servers that name themselves (stand-in Pods for the L4 proxy) and their clients.
+//! - [`load`]: steady HTTP/1.1 load with requests held in flight at a gate, for drain tests.
 //! - [`netns`]: network namespaces (node, Pods, client) with a guard that deletes them, for tests run as root.
 //!
 //! Every address used is in 127.0.0.0/8, or inside network namespaces a test created; every process started is
@@ -17,6 +18,7 @@ pub mod echo;
 pub mod envoy;
 pub mod http;
 pub mod l4;
+pub mod load;
 pub mod net;
 pub mod netns;
 pub mod process;
@@ -24,7 +26,7 @@ pub mod wait;
 
 pub use echo::EchoBackend;
 pub use envoy::{Ads, Envoy, EnvoyConfig, Role, find_envoy};
-pub use http::{Reply, http_get};
+pub use http::{Reply, http_get, http_get_on};
 pub use l4::{Answer, Conn, TcpEcho, UdpEcho};
 pub use net::free_port;
 pub use process::{Process, wait_for_line, workspace_bin};

@@ -48,6 +48,14 @@ fn ephemeral_range() -> RangeInclusive<u16> {
     }
 }
 
+/// Whether a failed connect was refused (RST to the SYN: nothing listens), as opposed to timing out or not being
+/// routed. An error from inside a network namespace crosses a thread as a value and as text: either form counts.
+pub fn is_refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+    }) || format!("{e:#}").contains("os error 111")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@
 //! Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN); [`unavailable`] says why a test must skip otherwise.
 
 use std::fs::File;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
@@ -101,6 +101,57 @@ impl Netns {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);
         cmd
+    }
+
+    /// A veth pair: `dev` here and `far_dev` in `far`, both up, without addresses.
+    pub fn veth(&self, dev: &str, far: &Netns, far_dev: &str) -> anyhow::Result<()> {
+        self.ip(&["link", "add", dev, "type", "veth", "peer", "name", far_dev, "netns", far.name()])?;
+        self.ip(&["link", "set", dev, "up"])?;
+        far.ip(&["link", "set", far_dev, "up"])?;
+        Ok(())
+    }
+
+    /// A point-to-point link from this namespace (a node) to `far` (a Pod or a client): a veth pair with `dev`
+    /// here and `eth0` in `far`, addresses `near/30` and `far_ip/30` (so give each link its own /30), and in
+    /// `far` a route to `far_route` (`default`, or a prefix) via `near`.
+    pub fn link(
+        &self,
+        dev: &str,
+        near: Ipv4Addr,
+        far: &Netns,
+        far_ip: Ipv4Addr,
+        far_route: &str,
+    ) -> anyhow::Result<()> {
+        self.veth(dev, far, "eth0")?;
+        self.ip(&["addr", "add", &format!("{near}/30"), "dev", dev])?;
+        far.ip(&["addr", "add", &format!("{far_ip}/30"), "dev", "eth0"])?;
+        far.ip(&["route", "add", far_route, "via", &near.to_string()])?;
+        Ok(())
+    }
+
+    /// Makes `iface` usable as `mesh-proxy --interface`: the proxy creates a dummy interface itself, but some
+    /// kernels are built without dummy interfaces (CONFIG_DUMMY, e.g. this project's VM); there `iface` is
+    /// pre-created as an empty bridge, which the proxy adopts as it adopts any existing interface (flushes it,
+    /// manages its addresses, deletes it on exit). Says so on stderr when it has to.
+    pub fn prepare_dummy(&self, iface: &str) -> anyhow::Result<()> {
+        match self.ip(&["link", "add", "meshprobe", "type", "dummy"]) {
+            Ok(_) => {
+                self.ip(&["link", "del", "meshprobe"])?;
+            }
+            Err(e) => {
+                eprintln!(
+                    "NOTE: no dummy interfaces on this kernel ({e:#}); {iface} is pre-created as an empty bridge"
+                );
+                self.ip(&["link", "add", iface, "type", "bridge"])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Turns IPv4 forwarding on: a node namespace routes between its Pods and the other nodes (a new namespace
+    /// starts with forwarding off). `/proc/sys/net` shows the namespace of the thread that opens it.
+    pub fn forward_ipv4(&self) -> anyhow::Result<()> {
+        self.enter(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
     }
 
     /// Runs `f` on a new thread that has moved into the namespace, and returns what it made (sockets made

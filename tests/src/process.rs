@@ -68,6 +68,29 @@ impl Process {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Sends it SIGTERM (by its PID): what the kubelet sends a Pod it deletes, which starts a drain.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.pid())?)
+            .ok_or_else(|| anyhow::anyhow!("{} has PID 0", self.name))?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .map_err(|e| anyhow::anyhow!("cannot send SIGTERM to {} (pid {}): {e}", self.name, self.pid()))
+    }
+
+    /// Waits (bounded) for it to exit and returns its status, reaping it. Polls rather than blocks, so the
+    /// test's runtime keeps serving the stand-in Pods and clients meanwhile.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return Ok(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                anyhow::bail!("{} still runs after {timeout:?}; its last output:\n{}", self.name, self.tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Fails if the process has exited, with its status and last lines.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         match self.exited() {

@@ -63,27 +63,15 @@ impl Topology {
             client: Netns::create(&format!("{tag}-client"))?,
         };
         // One /30 per link, node side first; the far side routes through the node.
-        link(&t.node, "to-a", NODE_TO_A, &t.pod_a, POD_A, "default")?;
-        link(&t.node, "to-b", NODE_TO_B, &t.pod_b, POD_B, "default")?;
-        link(&t.node, "to-client", NODE_TO_CLIENT, &t.client, CLIENT, "10.96.0.0/16")?;
+        t.node.link("to-a", NODE_TO_A, &t.pod_a, POD_A, "default")?;
+        t.node.link("to-b", NODE_TO_B, &t.pod_b, POD_B, "default")?;
+        t.node.link("to-client", NODE_TO_CLIENT, &t.client, CLIENT, "10.96.0.0/16")?;
         Ok(t)
     }
 
     fn names(&self) -> Vec<String> {
         [&self.node, &self.pod_a, &self.pod_b, &self.client].iter().map(|n| n.name().to_owned()).collect()
     }
-}
-
-/// A veth pair made inside `node` (`dev`) with its peer `eth0` moved into `far`, addresses `near/30` and
-/// `far_ip/30`, both up, and in `far` a route to `far_route` via the node.
-fn link(node: &Netns, dev: &str, near: Ipv4Addr, far: &Netns, far_ip: Ipv4Addr, far_route: &str) -> anyhow::Result<()> {
-    node.ip(&["link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", far.name()])?;
-    node.ip(&["addr", "add", &format!("{near}/30"), "dev", dev])?;
-    node.ip(&["link", "set", dev, "up"])?;
-    far.ip(&["addr", "add", &format!("{far_ip}/30"), "dev", "eth0"])?;
-    far.ip(&["link", "set", "eth0", "up"])?;
-    far.ip(&["route", "add", far_route, "via", &near.to_string()])?;
-    Ok(())
 }
 
 /// The Service: ClusterIP 10.96.0.10 with TCP port 80 (also NodePort 30080) and UDP port 53, to both Pods.
@@ -204,18 +192,7 @@ impl Node {
         let snapshot = dir.path().join("proxy.json");
         write_snapshot(&meshctl, &manifests, &snapshot)?;
 
-        // The proxy creates mesh0 as a dummy interface. Some kernels are built without dummy interfaces
-        // (CONFIG_DUMMY, e.g. this VM's); there the test makes mesh0 an empty bridge, which the proxy adopts as
-        // it adopts an existing interface (flushes it, manages its addresses, deletes it on exit).
-        match topo.node.ip(&["link", "add", "meshprobe", "type", "dummy"]) {
-            Ok(_) => {
-                topo.node.ip(&["link", "del", "meshprobe"])?;
-            }
-            Err(e) => {
-                eprintln!("NOTE: no dummy interfaces on this kernel ({e:#}); mesh0 is pre-created as an empty bridge");
-                topo.node.ip(&["link", "add", "mesh0", "type", "bridge"])?;
-            }
-        }
+        topo.node.prepare_dummy("mesh0")?;
 
         let mut cmd = topo.node.command(&proxy_bin);
         cmd.arg("--snapshot")
@@ -325,19 +302,13 @@ async fn drain(node: &mut Node) -> anyhow::Result<()> {
     let (via_cluster_ip, _) = client_conn(&topo.client, cluster_ip).await?;
     let (via_node_port, _) = client_conn(&topo.client, node_port).await?;
 
-    let pid = rustix::process::Pid::from_raw(i32::try_from(node.proxy.pid())?).context("a PID")?;
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+    node.proxy.terminate()?;
     for to in [cluster_ip, node_port] {
         eventually(CONVERGE, &format!("new connections to {to} are refused while draining"), || async {
             match topo.client.connect(to, CONNECT).await {
                 Ok(_) => anyhow::bail!("{to} still accepts"),
                 Err(e) => {
-                    // The error crosses a namespace thread as text as well as a value: accept either form.
-                    let refused = e.chain().any(|c| {
-                        c.downcast_ref::<std::io::Error>()
-                            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
-                    }) || format!("{e:#}").contains("os error 111");
-                    anyhow::ensure!(refused, "not refused: {e:#}");
+                    anyhow::ensure!(mesh_tests::net::is_refused(&e), "not refused: {e:#}");
                     Ok(())
                 }
             }
@@ -350,15 +321,7 @@ async fn drain(node: &mut Node) -> anyhow::Result<()> {
         anyhow::ensure!(node.proxy.exited().is_none(), "the proxy exited with a {what} connection open");
         c.close().await?;
     }
-    // Bounded poll (the guard needs `&mut`, which `eventually`'s closure cannot lend to its future).
-    let deadline = tokio::time::Instant::now() + CONVERGE;
-    let status = loop {
-        if let Some(status) = node.proxy.exited() {
-            break status;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "mesh-proxy still runs {CONVERGE:?} after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = node.proxy.wait_exit(CONVERGE).await?;
     anyhow::ensure!(status.success(), "mesh-proxy exited with {status}: {}", node.proxy.tail(40));
     let links = topo.node.ip(&["link", "show"])?;
     anyhow::ensure!(!links.contains("mesh0"), "mesh0 must go with the proxy: {links}");
