@@ -146,18 +146,31 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// How long a draining ingress still answers the next request on an idle keep-alive connection (then closes it).
+/// Long enough for any client in a steady exchange to send its next request, short enough not to hold a drain.
+pub const IDLE_GRACE: Duration = Duration::from_secs(1);
+
 impl App {
     /// Drains: not ready, stops accepting, lets requests in flight finish (HTTP/1 connections close after their
-    /// response, HTTP/2 ones get GOAWAY, idle keep-alive ones close now), waits up to `deadline` for every
+    /// response, HTTP/2 ones get GOAWAY, keep-alive ones idle for [`IDLE_GRACE`] close), waits up to `deadline` for every
     /// connection to end, then stops pingora. Returns how many connections were still open at the deadline.
     pub async fn drain(self, deadline: Duration) -> usize {
         self.admin.readiness().set_ready(false);
         self.shared.draining.store(true, Ordering::SeqCst);
         let _ = self.stop_accepting.send(true);
         let _ = self.finish.send(true);
-        crate::server::wake_idle(&self.proxy).await;
         info!(open = self.shared.conns.open(), "draining: no new connections; waiting for open ones");
-        let left = self.shared.conns.wait_idle(deadline).await;
+        // A keep-alive connection between two requests is not closed at once: its client may be sending the
+        // next request right now, and closing would reset it. For `IDLE_GRACE` every next request is still
+        // answered (with `Connection: close`), as Envoy's drain does; only connections idle that long are
+        // closed. Under steady load this leaves no request lost to the drain.
+        let grace = IDLE_GRACE.min(deadline);
+        let start = tokio::time::Instant::now();
+        let mut left = self.shared.conns.wait_idle(grace).await;
+        if left > 0 {
+            crate::server::wake_idle(&self.proxy).await;
+            left = self.shared.conns.wait_idle(deadline.saturating_sub(start.elapsed())).await;
+        }
         let _ = self.stop_pingora.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.pingora_done).await;
         if let Some(c) = self.client {
