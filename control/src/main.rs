@@ -114,10 +114,12 @@ async fn main() -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         logging: Some(logging),
     };
+    // SIGTERM handled from before the first socket exists: a stop during start-up still stops cleanly.
+    let mut signals = mesh_runtime::shutdown::Signals::new()?;
     let app = app::build(cfg).await.context("starting mesh-control")?;
     // One machine-readable line a supervisor or test can wait for.
     println!("mesh-control xds={} admin={}", app.xds_addr, app.admin_addr);
-    let signal = mesh_runtime::shutdown::signal().await?;
+    let signal = signals.recv().await?;
     tracing::info!(?signal, "shutting down");
     app.stop().await;
     Ok(())

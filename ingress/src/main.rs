@@ -111,10 +111,12 @@ async fn main() -> anyhow::Result<()> {
         },
         logging: Some(logging),
     };
+    // SIGTERM handled from before the first socket exists: a stop during start-up is still a drain.
+    let mut signals = mesh_runtime::shutdown::Signals::new()?;
     let app = app::build(cfg).await.context("starting mesh-ingress")?;
     // One machine-readable line a supervisor or test can wait for.
     println!("mesh-ingress http={} https={} admin={}", app.http_addr, app.https_addr, app.admin_addr);
-    let signal = mesh_runtime::shutdown::signal().await?;
+    let signal = signals.recv().await?;
     tracing::info!(?signal, "draining");
     let left = app.drain(Duration::from_secs(args.drain_s)).await;
     if left > 0 {

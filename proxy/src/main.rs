@@ -108,10 +108,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         logging: Some(logging),
         state_dir: args.state_dir,
     };
+    // SIGTERM handled from before the first socket exists: a stop during start-up is still a drain.
+    let mut signals = mesh_runtime::shutdown::Signals::new()?;
     let app = app::build(cfg).await.context("starting mesh-proxy")?;
     // One machine-readable line a supervisor or test can wait for.
     println!("mesh-proxy admin={}", app.admin_addr);
-    let signal = mesh_runtime::shutdown::signal().await?;
+    let signal = signals.recv().await?;
     tracing::info!(?signal, "draining");
     let left = app.drain(Duration::from_secs(args.drain_s)).await;
     if left > 0 {
