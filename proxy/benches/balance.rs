@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion};
 use mesh_proxy::balance::{self, Algorithm, Locality};
-use mesh_proxy::table::{Cluster, Endpoint, Health};
+use mesh_proxy::table::{Cluster, Endpoint, Health, Placement};
 use xds_proto::types::ResourceType;
 
 mod common;
@@ -33,9 +33,7 @@ fn cluster(n: usize, affinity: Option<Duration>) -> Cluster {
         .map(|i| Endpoint {
             addr: SocketAddr::new(IpAddr::V4(common::pod_ip(0, n, i)), 8080),
             health: Health::Ready,
-            node: format!("node-{:04}", i % 1000).into(),
-            zone: format!("zone-{}", i % 3).into(),
-            for_zones: Vec::new(),
+            place: Placement::interned::<&str>(&format!("node-{:04}", i % 1000), &format!("zone-{}", i % 3), &[]),
             stats: Arc::default(),
         })
         .collect();

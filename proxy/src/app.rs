@@ -136,7 +136,7 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
         .map(|c| {
             json!({"name": c.name, "affinitySeconds": c.affinity.map(|d| d.as_secs()), "preferClose": c.prefer_close,
                 "endpoints": c.endpoints.iter().map(|e| json!({"address": e.addr.to_string(), "health": format!("{:?}", e.health),
-                    "node": &*e.node, "zone": &*e.zone, "active": e.stats.active.load(std::sync::atomic::Ordering::Relaxed),
+                    "node": &*e.place.node, "zone": &*e.place.zone, "active": e.stats.active.load(std::sync::atomic::Ordering::Relaxed),
                     "ejected": e.stats.ejected(now)})).collect::<Vec<_>>()})
         })
         .collect();

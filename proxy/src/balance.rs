@@ -43,19 +43,19 @@ pub struct Locality {
 
 /// The endpoints a connection may go to, best tier only (see the module docs, steps 1–4).
 pub fn candidates<'a>(cluster: &'a Cluster, local_only: bool, here: &Locality) -> Vec<&'a Endpoint> {
-    let eligible = |e: &&Endpoint| !local_only || *e.node == *here.node;
+    let eligible = |e: &&Endpoint| !local_only || *e.place.node == *here.node;
     let mut tier: Vec<&Endpoint> =
         cluster.endpoints.iter().filter(eligible).filter(|e| e.health == Health::Ready).collect();
     if tier.is_empty() {
         tier = cluster.endpoints.iter().filter(eligible).filter(|e| e.health == Health::Terminating).collect();
     }
     if let Some(zone) = &here.zone {
-        let hinted = !tier.is_empty() && tier.iter().all(|e| !e.for_zones.is_empty());
+        let hinted = !tier.is_empty() && tier.iter().all(|e| !e.place.for_zones.is_empty());
         if hinted || cluster.prefer_close {
             let close: Vec<&Endpoint> = if hinted {
-                tier.iter().copied().filter(|e| e.for_zones.iter().any(|z| **z == **zone)).collect()
+                tier.iter().copied().filter(|e| e.place.for_zones.iter().any(|z| **z == **zone)).collect()
             } else {
-                tier.iter().copied().filter(|e| *e.zone == **zone).collect()
+                tier.iter().copied().filter(|e| *e.place.zone == **zone).collect()
             };
             if !close.is_empty() {
                 tier = close;
@@ -169,9 +169,7 @@ mod tests {
         Endpoint {
             addr: addr.parse().unwrap(),
             health,
-            node: node.into(),
-            zone: zone.into(),
-            for_zones: hints.iter().map(|s| Arc::from(*s)).collect(),
+            place: crate::table::Placement::interned(node, zone, hints),
             stats: Arc::default(),
         }
     }

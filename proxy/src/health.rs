@@ -20,7 +20,7 @@ pub fn local_endpoints(shared: &Shared, port: u16) -> Vec<(String, usize)> {
             continue;
         }
         let n = table.clusters.get(&l.cluster).map_or(0, |c| {
-            c.endpoints.iter().filter(|e| e.health == Health::Ready && *e.node == *shared.here.node).count()
+            c.endpoints.iter().filter(|e| e.health == Health::Ready && *e.place.node == *shared.here.node).count()
         });
         out.push((l.service.clone(), n));
     }

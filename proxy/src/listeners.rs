@@ -58,11 +58,29 @@ pub fn bind_udp(addr: &SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
     tokio::net::UdpSocket::from_std(s)
 }
 
+/// How a running socket is stopped: a TCP accept loop by aborting its task (it holds nothing that needs a
+/// goodbye, and carrying a stop signal in each of ten thousand idle loops costs memory); a UDP socket by its flag,
+/// because its flows' reply tasks are stopped with it.
+#[derive(Debug)]
+enum Stop {
+    Task(tokio::task::AbortHandle),
+    Flag(Shutdown),
+}
+
+impl Stop {
+    fn stop(self) {
+        match self {
+            Stop::Task(t) => t.abort(),
+            Stop::Flag(f) => f.trigger(),
+        }
+    }
+}
+
 /// The running sockets.
 #[derive(Debug)]
 pub struct Manager {
     shared: Arc<Shared>,
-    running: BTreeMap<ListenKey, Shutdown>,
+    running: BTreeMap<ListenKey, Stop>,
     health: BTreeMap<u16, Shutdown>,
     failed: BTreeMap<ListenKey, String>,
     iface: Option<Interface>,
@@ -98,7 +116,7 @@ impl Manager {
         let gone: Vec<ListenKey> = self.running.keys().filter(|k| !wanted.contains(k)).copied().collect();
         for key in gone {
             if let Some(stop) = self.running.remove(&key) {
-                stop.trigger();
+                stop.stop();
                 info!(addr = %key.addr, protocol = ?key.protocol, "stopped listening (established connections continue)");
             }
         }
@@ -107,18 +125,18 @@ impl Manager {
             if self.running.contains_key(&key) {
                 continue;
             }
-            let stop = Shutdown::new();
             let shared = self.shared.clone();
             let bound = match key.protocol {
-                Protocol::Tcp => bind_tcp(&key.addr).map(|l| {
-                    tokio::spawn(crate::tcp::serve(l, key, shared, stop.clone()));
-                }),
+                Protocol::Tcp => bind_tcp(&key.addr)
+                    .map(|l| Stop::Task(tokio::spawn(crate::tcp::serve(l, key, shared)).abort_handle())),
                 Protocol::Udp => bind_udp(&key.addr).map(|s| {
+                    let stop = Shutdown::new();
                     tokio::spawn(crate::udp::serve(s, key, shared, stop.clone()));
+                    Stop::Flag(stop)
                 }),
             };
             match bound {
-                Ok(()) => {
+                Ok(stop) => {
                     self.failed.remove(&key);
                     self.running.insert(key, stop);
                     info!(addr = %key.addr, protocol = ?key.protocol, "listening");
@@ -162,7 +180,7 @@ impl Manager {
     /// the interface until [`Manager::release_interface`].
     pub fn stop_accepting(&mut self) {
         for (_, stop) in std::mem::take(&mut self.running) {
-            stop.trigger();
+            stop.stop();
         }
         for (_, stop) in std::mem::take(&mut self.health) {
             stop.trigger();

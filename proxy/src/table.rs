@@ -117,21 +117,49 @@ pub struct EndpointStats {
     pub ejected_until_ms: AtomicU64,
 }
 
-/// One endpoint of a Cluster.
+/// One endpoint of a Cluster. Kept small: a big cluster has a hundred thousand of them.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     /// Where to connect.
     pub addr: SocketAddr,
     /// Its state.
     pub health: Health,
-    /// The node it runs on (interned: see [`intern`]).
+    /// Where it runs (shared by every endpoint in the same place: see [`Placement::interned`]).
+    pub place: Arc<Placement>,
+    /// Live state, carried across table versions.
+    pub stats: Arc<EndpointStats>,
+}
+
+/// Where an endpoint runs, as Local traffic policies and topology-aware routing need it. Endpoints share one
+/// copy per distinct place (a few hundred nodes × their hints), so an endpoint pays one pointer for it.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Placement {
+    /// The node it runs on.
     pub node: Arc<str>,
     /// Its zone.
     pub zone: Arc<str>,
     /// Topology hints: the zones that should use it.
-    pub for_zones: Vec<Arc<str>>,
-    /// Live state, carried across table versions.
-    pub stats: Arc<EndpointStats>,
+    pub for_zones: Box<[Arc<str>]>,
+}
+
+/// Distinct placements, shared (see [`Placement::interned`]).
+static PLACES: Mutex<Pool<Placement>> = Mutex::new(Pool { set: None, swept_at: 0 });
+
+impl Placement {
+    /// The shared placement for `node`, `zone` and the hinted zones `for_zones`. Placements no table uses any
+    /// more are dropped by a sweep, as names are (see [`intern`]).
+    pub fn interned<S: AsRef<str>>(node: &str, zone: &str, for_zones: &[S]) -> Arc<Placement> {
+        let p = Placement {
+            node: intern(node),
+            zone: intern(zone),
+            for_zones: for_zones.iter().map(|z| intern(z.as_ref())).collect(),
+        };
+        PLACES.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&p, || Arc::new(p.clone_parts()))
+    }
+
+    fn clone_parts(&self) -> Placement {
+        Placement { node: self.node.clone(), zone: self.zone.clone(), for_zones: self.for_zones.clone() }
+    }
 }
 
 /// Client IP → the endpoint it sticks to, and when it was last used.
@@ -297,30 +325,36 @@ fn cluster_settings(name: &str, body: &[u8]) -> Result<ClusterSettings, TableErr
 
 /// Node and zone names, stored once each: 100,000 endpoints run on a few hundred nodes in a handful of zones,
 /// so a name per endpoint would cost an allocation per endpoint for nothing.
-static NAMES: Mutex<Names> = Mutex::new(Names { set: None, swept_at: 0 });
+static NAMES: Mutex<Pool<str>> = Mutex::new(Pool { set: None, swept_at: 0 });
 
-struct Names {
-    set: Option<std::collections::HashSet<Arc<str>>>,
-    /// The set's size after the last sweep; the next sweep comes when it has doubled (amortised O(1)).
+/// A set of shared values, swept of those nobody else holds once it has doubled since the last sweep
+/// (amortised O(1)), so nodes that come and go (autoscaling) do not accumulate.
+struct Pool<T: ?Sized> {
+    set: Option<std::collections::HashSet<Arc<T>>>,
+    /// The set's size after the last sweep.
     swept_at: usize,
 }
 
-/// The shared copy of `name`. Names no table uses any more are dropped by a sweep once the set has doubled since
-/// the last one, so nodes that come and go (autoscaling) do not accumulate.
+impl<T: ?Sized + Eq + std::hash::Hash> Pool<T> {
+    fn get(&mut self, key: &T, make: impl FnOnce() -> Arc<T>) -> Arc<T> {
+        let Pool { set, swept_at } = self;
+        let set = set.get_or_insert_with(Default::default);
+        if let Some(found) = set.get(key) {
+            return found.clone();
+        }
+        if set.len() >= (*swept_at * 2).max(1024) {
+            set.retain(|n| Arc::strong_count(n) > 1);
+            *swept_at = set.len();
+        }
+        let new = make();
+        set.insert(new.clone());
+        new
+    }
+}
+
+/// The shared copy of `name` (see [`Pool`]).
 pub fn intern(name: &str) -> Arc<str> {
-    let mut names = NAMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let Names { set, swept_at } = &mut *names;
-    let set = set.get_or_insert_with(Default::default);
-    if let Some(found) = set.get(name) {
-        return found.clone();
-    }
-    if set.len() >= (*swept_at * 2).max(1024) {
-        set.retain(|n| Arc::strong_count(n) > 1);
-        *swept_at = set.len();
-    }
-    let new: Arc<str> = Arc::from(name);
-    set.insert(new.clone());
-    new
+    NAMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name, || Arc::from(name))
 }
 
 fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[Endpoint]>, TableError> {
@@ -335,7 +369,6 @@ fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[End
     let mut out = Vec::new();
     for loc in &cla.endpoints {
         let (zone, node) = loc.locality.as_ref().map_or(("", ""), |l| (l.zone.as_str(), l.sub_zone.as_str()));
-        let (zone, node) = (intern(zone), intern(node));
         for e in &loc.lb_endpoints {
             let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
                 return Err(unusable(k, name, "an endpoint without an address"));
@@ -349,9 +382,7 @@ fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[End
             out.push(Endpoint {
                 addr,
                 health,
-                node: node.clone(),
-                zone: zone.clone(),
-                for_zones: meta::get_list(e.metadata.as_ref(), meta::FOR_ZONES).iter().map(|z| intern(z)).collect(),
+                place: Placement::interned(node, zone, &meta::get_list(e.metadata.as_ref(), meta::FOR_ZONES)),
                 stats: previous.get(&addr).map(|s| Arc::clone(s)).unwrap_or_default(),
             });
         }
@@ -643,7 +674,7 @@ mod tests {
         let c = &t.clusters["ns/web/80"];
         assert_eq!(c.affinity, Some(Duration::from_secs(60)));
         let eps: Vec<(String, Health, &str)> =
-            c.endpoints.iter().map(|e| (e.addr.to_string(), e.health, &*e.node)).collect();
+            c.endpoints.iter().map(|e| (e.addr.to_string(), e.health, &*e.place.node)).collect();
         assert_eq!(
             eps,
             [

@@ -32,7 +32,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use mesh_runtime::Shutdown;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
@@ -123,20 +122,16 @@ pub enum TcpError {
     },
 }
 
-/// Accepts connections to one Service address until `stop` triggers, then drops the listener (new connects
-/// are refused) and returns. Connections already accepted run on in their own tasks until both sides are
-/// done, each counted in `shared.conns` so a drain can wait for them.
-pub async fn serve(listener: TcpListener, key: ListenKey, shared: Arc<Shared>, stop: Shutdown) {
-    let stopped = stop.wait();
-    tokio::pin!(stopped);
+/// Accepts connections to one Service address, forever: it is stopped by aborting its task (see
+/// [`crate::listeners`]), which drops the listener, so new connects are refused. Connections already accepted run
+/// on in their own tasks until both sides are done, each counted in `shared.conns` so a drain can wait for them.
+///
+/// Nothing but the listener and a few pointers lives across its one `await`: a node proxy runs one of these per
+/// Service address (ten thousand on a big cluster), idle almost all the time, so its size is the proxy's memory.
+pub async fn serve(listener: TcpListener, key: ListenKey, shared: Arc<Shared>) {
     let counters = Arc::new(CounterCache::default());
     loop {
-        let accepted = tokio::select! {
-            biased;
-            () = &mut stopped => break,
-            r = listener.accept() => r,
-        };
-        match accepted {
+        match listener.accept().await {
             Ok((client, peer)) => {
                 // Counted before the task is spawned, so a drain that starts now already sees it.
                 let tracked = shared.conns.track();
@@ -160,14 +155,12 @@ pub async fn serve(listener: TcpListener, key: ListenKey, shared: Arc<Shared>, s
             }
             Err(e) => {
                 warn!(listen = %key.addr, error = %e, "accept failed; check the open-files limit (ulimit -n)");
-                tokio::select! {
-                    () = &mut stopped => break,
-                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                }
+                // Boxed: a timer kept inline would make every idle accept loop larger for the sake of a path
+                // that hardly ever runs.
+                Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)).await;
             }
         }
     }
-    debug!(listen = %key.addr, "stopped accepting");
 }
 
 /// Serves one accepted connection.
@@ -610,9 +603,7 @@ mod tests {
             .map(|&addr| Endpoint {
                 addr,
                 health: Health::Ready,
-                node: "n1".into(),
-                zone: "".into(),
-                for_zones: Vec::new(),
+                place: crate::table::Placement::interned::<&str>("n1", "", &[]),
                 stats: Arc::default(),
             })
             .collect();
@@ -635,7 +626,6 @@ mod tests {
         addr: SocketAddr,
         key: ListenKey,
         shared: Arc<Shared>,
-        stop: Shutdown,
         task: JoinHandle<()>,
     }
 
@@ -646,9 +636,8 @@ mod tests {
             let key = ListenKey { protocol: Protocol::Tcp, addr };
             let shared = Shared::new(Locality { node: "n1".into(), zone: None }, cfg, ProxyMetrics::default());
             shared.table.store(Arc::new(table(key, eps)));
-            let stop = Shutdown::new();
-            let task = tokio::spawn(serve(listener, key, shared.clone(), stop.clone()));
-            Proxy { addr, key, shared, stop, task }
+            let task = tokio::spawn(serve(listener, key, shared.clone()));
+            Proxy { addr, key, shared, task }
         }
 
         async fn connect(&self) -> TcpStream {
@@ -1028,8 +1017,8 @@ mod tests {
         roundtrip(&mut second, b"before").await;
         assert_eq!(p.shared.conns.open(), 2);
 
-        p.stop.trigger();
-        within("the accept loop ends", p.task).await.unwrap();
+        p.task.abort();
+        assert!(within("the accept loop ends", p.task).await.unwrap_err().is_cancelled());
         let refused = within("connect after stop", TcpStream::connect(p.addr)).await;
         assert_eq!(refused.map_err(|e| e.kind()).unwrap_err(), io::ErrorKind::ConnectionRefused);
 

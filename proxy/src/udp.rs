@@ -550,9 +550,7 @@ mod tests {
         Endpoint {
             addr,
             health: Health::Ready,
-            node: "n1".into(),
-            zone: "".into(),
-            for_zones: Vec::new(),
+            place: crate::table::Placement::interned::<&str>("n1", "", &[]),
             stats: Arc::default(),
         }
     }
