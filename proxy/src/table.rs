@@ -191,12 +191,12 @@ pub struct Table {
     pub listeners: imbl::OrdMap<String, Arc<ServiceListener>>,
     /// The listener serving each address (the first by name when two claim one), for the data path.
     pub by_key: imbl::HashMap<ListenKey, Arc<ServiceListener>>,
-    /// Clusters by name (Cluster and ClusterLoadAssignment merged).
+    /// Clusters by name (Cluster and ClusterLoadAssignment merged): every Cluster received, with the endpoints
+    /// of its assignment (none until that arrives). The settings and endpoints live only here, not in maps of
+    /// their own as received: at 10,000 Services that would be two more maps and name copies (≈ 2.5 MB).
     pub clusters: imbl::HashMap<String, Arc<Cluster>>,
-    /// Cluster settings as received (kept to merge with endpoints arriving separately).
-    settings: imbl::OrdMap<String, ClusterSettings>,
-    /// Endpoints as received.
-    assignments: imbl::OrdMap<String, Arc<[Endpoint]>>,
+    /// Assignments whose Cluster has not arrived (or was removed while they stayed): merged when it comes.
+    pending: imbl::OrdMap<String, Arc<[Endpoint]>>,
     /// The accepted version of each resource type.
     pub versions: BTreeMap<ResourceType, String>,
 }
@@ -357,7 +357,7 @@ pub fn intern(name: &str) -> Arc<str> {
     NAMES.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(name, || Arc::from(name))
 }
 
-fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[Endpoint]>, TableError> {
+fn assignment(name: &str, body: &[u8], old: Option<&[Endpoint]>) -> Result<Arc<[Endpoint]>, TableError> {
     let k = ResourceType::ClusterLoadAssignment;
     let cla = ClusterLoadAssignment::decode(body).map_err(|e| TableError::Decode {
         kind: k,
@@ -365,7 +365,7 @@ fn assignment(name: &str, body: &[u8], old: Option<&Cluster>) -> Result<Arc<[End
         reason: e.to_string(),
     })?;
     let previous: HashMap<SocketAddr, &Arc<EndpointStats>> =
-        old.map(|c| c.endpoints.iter().map(|e| (e.addr, &e.stats)).collect()).unwrap_or_default();
+        old.map(|eps| eps.iter().map(|e| (e.addr, &e.stats)).collect()).unwrap_or_default();
     let mut out = Vec::new();
     for loc in &cla.endpoints {
         let (zone, node) = loc.locality.as_ref().map_or(("", ""), |l| (l.zone.as_str(), l.sub_zone.as_str()));
@@ -429,24 +429,46 @@ impl Table {
             }
             ResourceType::Cluster => {
                 for name in removed {
-                    next.settings.remove(name);
+                    if let Some(gone) = next.clusters.remove(name)
+                        && !gone.endpoints.is_empty()
+                    {
+                        // Its assignment may outlive it (the control plane removes that separately).
+                        next.pending.insert(name.clone(), gone.endpoints.clone());
+                    }
                 }
                 for name in changed {
                     let Some(body) = resources(name) else { continue };
-                    next.settings.insert(name.clone(), cluster_settings(name, body)?);
+                    let s = cluster_settings(name, body)?;
+                    let c = match next.clusters.get(name) {
+                        Some(old) => {
+                            Cluster { affinity: s.affinity, prefer_close: s.prefer_close, ..Cluster::clone(old) }
+                        }
+                        None => Cluster {
+                            name: name.clone(),
+                            affinity: s.affinity,
+                            prefer_close: s.prefer_close,
+                            endpoints: next.pending.remove(name).unwrap_or_else(|| Arc::from(Vec::new())),
+                            affinity_map: Arc::default(),
+                            rr: Arc::default(),
+                        },
+                    };
+                    next.clusters.insert(name.clone(), Arc::new(c));
                 }
-                next.rebuild(removed.iter().chain(changed));
             }
             ResourceType::ClusterLoadAssignment => {
                 for name in removed {
-                    next.assignments.remove(name);
+                    next.pending.remove(name);
+                    next.set_endpoints(name, Arc::from(Vec::new()));
                 }
                 for name in changed {
                     let Some(body) = resources(name) else { continue };
-                    let eps = assignment(name, body, self.clusters.get(name).map(|c| &**c))?;
-                    next.assignments.insert(name.clone(), eps);
+                    let old =
+                        self.clusters.get(name).map(|c| &*c.endpoints).or_else(|| self.pending.get(name).map(|e| &**e));
+                    let eps = assignment(name, body, old)?;
+                    if !next.set_endpoints(name, eps.clone()) {
+                        next.pending.insert(name.clone(), eps);
+                    }
                 }
-                next.rebuild(removed.iter().chain(changed));
             }
             // Routes and Secrets are the ingress proxy's.
             ResourceType::RouteConfiguration | ResourceType::Secret => {}
@@ -459,8 +481,16 @@ impl Table {
     pub fn names(&self, kind: ResourceType) -> Vec<String> {
         match kind {
             ResourceType::Listener => self.listeners.keys().cloned().collect(),
-            ResourceType::Cluster => self.settings.keys().cloned().collect(),
-            ResourceType::ClusterLoadAssignment => self.assignments.keys().cloned().collect(),
+            ResourceType::Cluster => self.clusters.keys().cloned().collect(),
+            // An assignment without endpoints is not told from none: removing either changes nothing.
+            ResourceType::ClusterLoadAssignment => self
+                .clusters
+                .iter()
+                .filter(|(_, c)| !c.endpoints.is_empty())
+                .map(|(n, _)| n)
+                .chain(self.pending.keys())
+                .cloned()
+                .collect(),
             ResourceType::RouteConfiguration | ResourceType::Secret => Vec::new(),
         }
     }
@@ -502,27 +532,12 @@ impl Table {
         }
     }
 
-    /// Re-merges settings and endpoints of the named clusters.
-    fn rebuild<'a>(&mut self, names: impl Iterator<Item = &'a String>) {
-        for name in names {
-            match self.settings.get(name) {
-                None => {
-                    self.clusters.remove(name);
-                }
-                Some(s) => {
-                    let old = self.clusters.get(name);
-                    let c = Cluster {
-                        name: name.clone(),
-                        affinity: s.affinity,
-                        prefer_close: s.prefer_close,
-                        endpoints: self.assignments.get(name).cloned().unwrap_or_else(|| Arc::from(Vec::new())),
-                        affinity_map: old.map(|c| c.affinity_map.clone()).unwrap_or_default(),
-                        rr: old.map(|c| c.rr.clone()).unwrap_or_default(),
-                    };
-                    self.clusters.insert(name.clone(), Arc::new(c));
-                }
-            }
-        }
+    /// Gives the named cluster `endpoints`, keeping its live state; false if there is no such cluster.
+    fn set_endpoints(&mut self, name: &str, endpoints: Arc<[Endpoint]>) -> bool {
+        let Some(old) = self.clusters.get(name) else { return false };
+        let c = Cluster { endpoints, ..Cluster::clone(old) };
+        self.clusters.insert(name.to_owned(), Arc::new(c));
+        true
     }
 
     /// Every address the proxy must listen on, with the listener serving it.
@@ -702,6 +717,45 @@ mod tests {
         assert_eq!(t.by_key.len(), 1);
         let t = t.apply(ResourceType::Listener, |_| None, &[], &["svc/b".to_owned()], "v").unwrap();
         assert!(t.by_key.is_empty() && t.listeners.is_empty());
+    }
+
+    #[test]
+    fn clusters_and_assignments_merge_in_any_order() {
+        let cluster = |name: &str| encode(&XdsCluster { name: name.into(), ..Default::default() });
+        let one = || cla("c", &[("10.0.0.1", HealthStatus::Healthy, "n")]);
+        let remove = |t: &Table, kind, name: &str| t.apply(kind, |_| None, &[], &[name.to_owned()], "v2").unwrap();
+
+        // Endpoints first: not served until the Cluster comes, then merged.
+        let t = apply(&Table::default(), ResourceType::ClusterLoadAssignment, &[("c", one())]).unwrap();
+        assert!(t.clusters.get("c").is_none(), "no Cluster yet: nothing to serve");
+        assert_eq!(t.names(ResourceType::ClusterLoadAssignment), ["c"]);
+        let t = apply(&t, ResourceType::Cluster, &[("c", cluster("c"))]).unwrap();
+        assert_eq!(t.clusters["c"].endpoints.len(), 1);
+        assert!(t.pending.is_empty());
+
+        // A Cluster change keeps the endpoints and their live state.
+        t.clusters["c"].endpoints[0].stats.active.store(3, Ordering::Relaxed);
+        let t = apply(&t, ResourceType::Cluster, &[("c", cluster("c"))]).unwrap();
+        assert_eq!(t.clusters["c"].endpoints[0].stats.active.load(Ordering::Relaxed), 3);
+
+        // The Cluster removed while its assignment stays: back with it when the Cluster returns.
+        let gone = remove(&t, ResourceType::Cluster, "c");
+        assert!(gone.clusters.get("c").is_none());
+        assert_eq!(gone.names(ResourceType::Cluster), Vec::<String>::new());
+        assert_eq!(gone.names(ResourceType::ClusterLoadAssignment), ["c"]);
+        let back = apply(&gone, ResourceType::Cluster, &[("c", cluster("c"))]).unwrap();
+        assert_eq!(back.clusters["c"].endpoints.len(), 1);
+
+        // The assignment removed: the Cluster stays, with no endpoint; removing it twice changes nothing.
+        let empty = remove(&back, ResourceType::ClusterLoadAssignment, "c");
+        assert!(empty.clusters["c"].endpoints.is_empty());
+        assert!(empty.names(ResourceType::ClusterLoadAssignment).is_empty());
+        let again = remove(&empty, ResourceType::ClusterLoadAssignment, "c");
+        assert!(again.clusters["c"].endpoints.is_empty());
+        // Both removed: nothing left anywhere.
+        let none = remove(&remove(&back, ResourceType::ClusterLoadAssignment, "c"), ResourceType::Cluster, "c");
+        assert!(none.clusters.is_empty());
+        assert!(none.pending.is_empty(), "an empty assignment is not kept for a Cluster that may never return");
     }
 
     #[test]
