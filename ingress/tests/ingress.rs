@@ -494,6 +494,53 @@ async fn drain_finishes_in_flight_and_refuses_new_connections() {
     assert_eq!(tokio::time::timeout(WAIT, drain).await.unwrap().unwrap(), 0, "nothing left open");
 }
 
+/// HTTP/2 (h2c) during a drain: the stream in flight finishes, the connection gets GOAWAY (a new stream on it
+/// is refused, never half-served), and then it closes.
+#[tokio::test]
+async fn drain_lets_an_h2_stream_finish_and_sends_goaway() {
+    let a = Backend::start("a").await;
+    let mut snap = Snap::default().cluster("ns/a/80", &[a.addr]);
+    snap.vhosts = vec![vhost("h", vec![prefix("/", to("ns/a/80"))])];
+    let (app, _dir) = ingress(&snap).await;
+    let at = app.http_addr;
+    let mut tx = h2_over(TcpStream::connect(at).await.unwrap()).await.unwrap();
+    let req = |path: &str| Request::get(format!("http://h{path}")).body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(tx.send_request(req("/")).await.unwrap().status(), 200);
+    let held = tx.send_request(req("/hold"));
+    let in_flight = tokio::spawn(async move {
+        let r = held.await?;
+        let status = r.status().as_u16();
+        let body = r.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    });
+    let waiting = a.held.clone();
+    eventually(WAIT, "the request reaches the backend", || {
+        let waiting = waiting.clone();
+        async move { if waiting.load(Ordering::SeqCst) == 1 { Ok(()) } else { anyhow::bail!("not yet") } }
+    })
+    .await
+    .unwrap();
+    let drain = tokio::spawn(app.drain(WAIT));
+    // GOAWAY: the client stops opening streams on this connection (hyper reports it closed or refuses).
+    eventually(WAIT, "the connection got GOAWAY", || {
+        let mut tx = tx.clone();
+        async move {
+            match tx.send_request(req("/")).await {
+                Err(_) => Ok(()),
+                Ok(r) => anyhow::bail!("a new stream was still served: {}", r.status()),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!drain.is_finished(), "the drain waits for the stream in flight");
+    a.gate.add_permits(1);
+    let (status, body) = tokio::time::timeout(WAIT, in_flight).await.unwrap().unwrap().unwrap();
+    assert_eq!(status, 200, "the stream in flight finished");
+    assert!(!body.is_empty());
+    assert_eq!(tokio::time::timeout(WAIT, drain).await.unwrap().unwrap(), 0, "nothing left open");
+}
+
 #[tokio::test]
 async fn a_bad_update_is_nacked_naming_the_resource_and_the_last_good_table_serves() {
     use mesh_ingress::config::XdsHandler;
