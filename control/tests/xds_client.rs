@@ -83,9 +83,9 @@ async fn each_role_fetches_exactly_its_snapshot_over_both_protocols() {
     app.stop().await;
 }
 
-/// Records every update a client applies.
+/// Records every update a client applies, and the bodies of the resources each changed (to recognise a marker).
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<Vec<Seen>>>);
+struct Recorder(Arc<Mutex<Vec<Seen>>>, Arc<Mutex<Vec<u8>>>);
 
 /// An update as seen: its type, the names changed and the names removed.
 type Seen = (ResourceType, Vec<String>, Vec<String>);
@@ -93,11 +93,20 @@ type Seen = (ResourceType, Vec<String>, Vec<String>);
 impl Handler for Recorder {
     fn apply(&mut self, u: &Update) -> Result<(), String> {
         self.0.lock().unwrap().push((u.kind, u.changed.clone(), u.removed.clone()));
+        let mut bodies = self.1.lock().unwrap();
+        for name in &u.changed {
+            bodies.extend_from_slice(&u.resources[name].body);
+        }
         Ok(())
     }
 }
 
 impl Recorder {
+    /// Whether a changed resource carried `needle` (e.g. an endpoint address).
+    fn carried(&self, needle: &[u8]) -> bool {
+        self.1.lock().unwrap().windows(needle.len()).any(|w| w == needle)
+    }
+
     fn take(&self) -> Vec<Seen> {
         std::mem::take(&mut *self.0.lock().unwrap())
     }
@@ -130,24 +139,25 @@ async fn one_endpoint_change_is_one_cla_and_reconnects_are_not_resent() {
     std::fs::write(d.path().join("web-slice.yaml"), SLICE.replace("ENDPOINT", "127.20.0.99")).unwrap();
     eventually("a new snapshot", || !Arc::ptr_eq(app.snapshots.borrow().as_ref().unwrap(), &before)).await;
     eventually("an update", || !rec.0.lock().unwrap().is_empty()).await;
-    // Let any straggling pushes land, then look at everything that came.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A second change as a marker: the stream is ordered, so anything else the first change caused arrives
+    // before the marker's update. No waiting for stragglers by the clock.
+    std::fs::write(d.path().join("web-slice.yaml"), SLICE.replace("ENDPOINT", "127.20.0.98")).unwrap();
+    eventually("the marker's update", || rec.carried(b"127.20.0.98")).await;
     let updates = rec.take();
-    assert_eq!(
-        updates,
-        [(ResourceType::ClusterLoadAssignment, vec!["shop/web/http".to_owned()], vec![])],
-        "one endpoint change: one ClusterLoadAssignment, nothing else"
-    );
+    let cla = (ResourceType::ClusterLoadAssignment, vec!["shop/web/http".to_owned()], vec![]);
+    assert_eq!(updates, [cla.clone(), cla.clone()], "one endpoint change: one ClusterLoadAssignment, nothing else");
 
     // The control plane restarts on the same address: the client reconnects with what it has and is sent nothing.
     app.stop().await;
     eventually("disconnected", || !status.borrow().connected).await;
     let app = start(d.path(), &xds_addr).await;
     eventually("reconnected", || status.borrow().connected).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let resent: Vec<_> =
-        rec.take().into_iter().filter(|(_, changed, removed)| !changed.is_empty() || !removed.is_empty()).collect();
-    assert!(resent.is_empty(), "nothing is resent after a reconnect: {resent:?}");
+    // Again a marker change: whatever the reconnect caused arrives before its update.
+    std::fs::write(d.path().join("web-slice.yaml"), SLICE.replace("ENDPOINT", "127.20.0.97")).unwrap();
+    eventually("the marker's update", || rec.carried(b"127.20.0.97")).await;
+    let moved = |u: &Seen| !u.1.is_empty() || !u.2.is_empty();
+    let resent: Vec<_> = rec.take().into_iter().filter(moved).collect();
+    assert_eq!(resent, [cla], "nothing is resent after a reconnect, only the marker's change arrives");
     handle.stop().await;
     app.stop().await;
 }
