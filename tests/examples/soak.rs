@@ -113,11 +113,6 @@ endpoints:
     nodeName: node-a
 ---
 apiVersion: networking.k8s.io/v1
-kind: IngressClass
-metadata: {{name: mesh}}
-spec: {{controller: {controller}}}
----
-apiVersion: networking.k8s.io/v1
 kind: Ingress
 metadata: {{name: web, namespace: soak}}
 spec:
@@ -132,8 +127,9 @@ spec:
             lbport = lb.port(),
             ingip = ing.ip(),
             ingport = ing.port(),
-            controller = xds_proto::INGRESS_CONTROLLER,
         );
+        s += "---\n";
+        s += &mesh_tests::manifests::ingress_class();
     }
     write(dir, "static.yaml", &s)
 }

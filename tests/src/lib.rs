@@ -8,6 +8,8 @@
 //! - [`envoy`]: finding the Envoy binary and running it from a generated ADS bootstrap.
 //! - [`net`]: free ports on loopback addresses.
 //! - [`l4`]: TCP and UDP echo servers that name themselves (stand-in Pods for the L4 proxy) and their clients.
+//! - [`manifests`]: manifest text several tests write the same way (Service with ready Pods, IngressClass, TLS
+//!   Secret, the full-path Ingress).
 //! - [`load`]: steady HTTP/1.1 load with requests held in flight at a gate, for drain tests.
 //! - [`netns`]: network namespaces (node, Pods, client) with a guard that deletes them, for tests run as root.
 //!
@@ -19,6 +21,7 @@ pub mod envoy;
 pub mod http;
 pub mod l4;
 pub mod load;
+pub mod manifests;
 pub mod net;
 pub mod netns;
 pub mod process;

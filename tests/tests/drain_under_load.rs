@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use mesh_tests::load::{self, Control, Gate, GatedPod, Report};
+use mesh_tests::manifests::{self, ReadyPod};
 use mesh_tests::{Process, eventually, free_port, http_get, wait_for_line, workspace_bin};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -52,23 +53,9 @@ fn pod_ip(i: u8) -> Ipv4Addr {
 
 /// The Service (ClusterIP, three ready Pods) and the Ingress routing `drain.test` to it.
 fn manifests(svc_port: u16, target: u16) -> String {
-    let mut s = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: slow, namespace: {NS}}}
-spec:
-  type: ClusterIP
-  clusterIP: {CLUSTER_IP}
-  clusterIPs: [{CLUSTER_IP}]
-  ports:
-    - {{name: http, port: {svc_port}, protocol: TCP, targetPort: {target}}}
----
-apiVersion: networking.k8s.io/v1
-kind: IngressClass
-metadata: {{name: mesh}}
-spec: {{controller: {controller}}}
----
-apiVersion: networking.k8s.io/v1
+    let pods: Vec<ReadyPod> = (1..=3).map(|i| ReadyPod::new(format!("pod-{i}"), pod_ip(i), "node-a")).collect();
+    let ingress = format!(
+        "apiVersion: networking.k8s.io/v1
 kind: Ingress
 metadata: {{name: slow, namespace: {NS}}}
 spec:
@@ -78,31 +65,13 @@ spec:
       http:
         paths:
           - {{path: /, pathType: Prefix, backend: {{service: {{name: slow, port: {{name: http}}}}}}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: slow-1
-  namespace: {NS}
-  labels: {{kubernetes.io/service-name: slow}}
-addressType: IPv4
-ports:
-  - {{name: http, port: {target}, protocol: TCP}}
-endpoints:
-",
-        controller = xds_proto::INGRESS_CONTROLLER,
+"
     );
-    for i in 1..=3 {
-        s += &format!(
-            "  - addresses: [{}]
-    conditions: {{ready: true, serving: true, terminating: false}}
-    nodeName: node-a
-    targetRef: {{kind: Pod, namespace: {NS}, name: pod-{i}}}
-",
-            pod_ip(i)
-        );
-    }
-    s
+    manifests::join(&[
+        manifests::service_with_pods(NS, "slow", CLUSTER_IP, "http", svc_port, target, &pods),
+        manifests::ingress_class(),
+        ingress,
+    ])
 }
 
 /// The Pods, the control plane and the folder it reads: what both tests share.

@@ -14,45 +14,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use mesh_tests::l4::ask_once;
+use mesh_tests::manifests::{self, ReadyPod};
 use mesh_tests::{Process, TcpEcho, eventually, free_port, http_get, wait_for_line, workspace_bin};
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// A ClusterIP Service (port `tcp`) and its slice of ready Pods (name, ip) on node-a.
 fn manifests(name: &str, cluster_ip: Ipv4Addr, port: u16, target: u16, pods: &[(&str, Ipv4Addr)]) -> String {
-    let mut s = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: faults}}
-spec:
-  type: ClusterIP
-  clusterIP: {cluster_ip}
-  clusterIPs: [{cluster_ip}]
-  ports:
-    - {{name: tcp, port: {port}, protocol: TCP, targetPort: {target}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: faults
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports:
-  - {{name: tcp, port: {target}, protocol: TCP}}
-endpoints:
-"
-    );
-    for (pod, ip) in pods {
-        s += &format!(
-            "  - addresses: [{ip}]
-    conditions: {{ready: true, serving: true, terminating: false}}
-    nodeName: node-a
-    targetRef: {{kind: Pod, namespace: faults, name: {pod}}}
-"
-        );
-    }
-    s
+    let pods: Vec<ReadyPod> = pods.iter().map(|(pod, ip)| ReadyPod::new(*pod, *ip, "node-a")).collect();
+    manifests::service_with_pods("faults", name, cluster_ip, "tcp", port, target, &pods)
 }
 
 fn write(dir: &Path, file: &str, text: &str) -> anyhow::Result<()> {

@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use mesh_tests::manifests::{self, ReadyPod};
 use mesh_tests::{Process, eventually, free_port, http_get, wait_for_line, workspace_bin};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -30,41 +30,10 @@ fn pod_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 76, 1, i)
 }
 
-/// A Service with a ClusterIP and its slice of ready Pods (name, ip).
+/// A Service with a ClusterIP and its slice of ready Pods (name, ip) on node-a.
 fn service(name: &str, ip: Ipv4Addr, port: u16, target: u16, pods: &[(String, Ipv4Addr)]) -> String {
-    let mut s = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  type: ClusterIP
-  clusterIP: {ip}
-  clusterIPs: [{ip}]
-  ports:
-    - {{name: http, port: {port}, protocol: TCP, targetPort: {target}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: {NS}
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports:
-  - {{name: http, port: {target}, protocol: TCP}}
-endpoints:
-"
-    );
-    for (pod, ip) in pods {
-        s += &format!(
-            "  - addresses: [{ip}]
-    conditions: {{ready: true, serving: true, terminating: false}}
-    nodeName: node-a
-    targetRef: {{kind: Pod, namespace: {NS}, name: {pod}}}
-"
-        );
-    }
-    s
+    let pods: Vec<ReadyPod> = pods.iter().map(|(pod, ip)| ReadyPod::new(pod.as_str(), *ip, "node-a")).collect();
+    manifests::service_with_pods(NS, name, ip, "http", port, target, &pods)
 }
 
 struct Ports {
@@ -76,8 +45,7 @@ struct Ports {
 }
 
 fn ingress_side(p: &Ports, cert_pem: &str, key_pem: &str) -> String {
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    format!(
+    let ingress = format!(
         "apiVersion: v1
 kind: Service
 metadata: {{name: mesh-ingress, namespace: mesh-system}}
@@ -106,48 +74,19 @@ endpoints:
   - addresses: [127.78.1.1]
     conditions: {{ready: true, serving: true, terminating: false}}
     nodeName: node-a
----
-apiVersion: networking.k8s.io/v1
-kind: IngressClass
-metadata: {{name: mesh}}
-spec: {{controller: {controller}}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: shop-tls, namespace: {NS}}}
-type: kubernetes.io/tls
-data:
-  tls.crt: {crt}
-  tls.key: {key}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {{name: shop, namespace: {NS}}}
-spec:
-  ingressClassName: mesh
-  tls:
-    - hosts: [{TLS_HOST}]
-      secretName: shop-tls
-  rules:
-    - host: {TLS_HOST}
-      http:
-        paths:
-          - {{path: /api, pathType: Prefix, backend: {{service: {{name: api, port: {{name: http}}}}}}}}
-          - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}
-    - host: {PLAIN_HOST}
-      http:
-        paths:
-          - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}
 ",
         lb_http = p.lb_http,
         lb_https = p.lb_https,
         node_http = p.node_http,
         ing_http = p.ing_http,
         ing_https = p.ing_https,
-        controller = xds_proto::INGRESS_CONTROLLER,
-        crt = b64(cert_pem),
-        key = b64(key_pem),
-    )
+    );
+    manifests::join(&[
+        ingress,
+        manifests::ingress_class(),
+        manifests::tls_secret(NS, "shop-tls", cert_pem, key_pem),
+        manifests::shop_ingress(NS, TLS_HOST, PLAIN_HOST, "shop-tls"),
+    ])
 }
 
 /// GET over TLS (SNI `host`, trusting `root_pem`) to `addr`; returns status and body.

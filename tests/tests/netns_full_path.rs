@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use base64::Engine;
+use mesh_tests::manifests::{self, ReadyPod};
 use mesh_tests::netns::{self, Netns};
 use mesh_tests::{Process, Reply, eventually, http_get_on, wait_for_line, workspace_bin};
 use tokio::net::TcpStream;
@@ -168,48 +168,13 @@ impl Topology {
 
 /// A Service with a ClusterIP and one slice of ready Pods (with their nodes).
 fn service(name: &str, ip: Ipv4Addr, pods: &[&PodSpec]) -> String {
-    let mut s = format!(
-        "apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  type: ClusterIP
-  clusterIP: {ip}
-  clusterIPs: [{ip}]
-  ports:
-    - {{name: http, port: 80, protocol: TCP, targetPort: {POD_PORT}}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: {NS}
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-ports:
-  - {{name: http, port: {POD_PORT}, protocol: TCP}}
-endpoints:
-"
-    );
-    for p in pods {
-        s += &format!(
-            "  - addresses: [{ip}]
-    conditions: {{ready: true, serving: true, terminating: false}}
-    nodeName: node-{node}
-    targetRef: {{kind: Pod, namespace: {NS}, name: {name}}}
-",
-            ip = p.ip,
-            node = p.node,
-            name = p.name
-        );
-    }
-    s
+    let pods: Vec<ReadyPod> = pods.iter().map(|p| ReadyPod::new(p.name, p.ip, format!("node-{}", p.node))).collect();
+    manifests::service_with_pods(NS, name, ip, "http", 80, POD_PORT, &pods)
 }
 
 /// The ingress's LoadBalancer Service and its Pod, our IngressClass, the TLS Secret and the Ingress.
 fn ingress_side(cert_pem: &str, key_pem: &str) -> String {
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    format!(
+    let ingress = format!(
         "apiVersion: v1
 kind: Service
 metadata: {{name: mesh-ingress, namespace: mesh-system}}
@@ -239,44 +204,15 @@ endpoints:
     conditions: {{ready: true, serving: true, terminating: false}}
     nodeName: node-a
     targetRef: {{kind: Pod, namespace: mesh-system, name: mesh-ingress-0}}
----
-apiVersion: networking.k8s.io/v1
-kind: IngressClass
-metadata: {{name: mesh}}
-spec: {{controller: {controller}}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: shop-tls, namespace: {NS}}}
-type: kubernetes.io/tls
-data:
-  tls.crt: {crt}
-  tls.key: {key}
----
-apiVersion: networking.k8s.io/v1
-kind: Ingress
-metadata: {{name: shop, namespace: {NS}}}
-spec:
-  ingressClassName: mesh
-  tls:
-    - hosts: [{TLS_HOST}]
-      secretName: shop-tls
-  rules:
-    - host: {TLS_HOST}
-      http:
-        paths:
-          - {{path: /api, pathType: Prefix, backend: {{service: {{name: api, port: {{name: http}}}}}}}}
-          - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}
-    - host: {PLAIN_HOST}
-      http:
-        paths:
-          - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}
 ",
         ing = INGRESS_POD.ip,
-        controller = xds_proto::INGRESS_CONTROLLER,
-        crt = b64(cert_pem),
-        key = b64(key_pem),
-    )
+    );
+    manifests::join(&[
+        ingress,
+        manifests::ingress_class(),
+        manifests::tls_secret(NS, "shop-tls", cert_pem, key_pem),
+        manifests::shop_ingress(NS, TLS_HOST, PLAIN_HOST, "shop-tls"),
+    ])
 }
 
 /// The demo Pods' serving tasks; aborted (their sockets closed) on drop.
