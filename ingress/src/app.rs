@@ -1,7 +1,8 @@
-//! `mesh-ingress` as a running thing: configuration source → table → pingora, with admin and drain.
+//! `mesh-ingress` as a running thing: configuration source → table → workers, with admin and drain.
 //!
 //! [`build`] binds every socket first and returns the bound addresses, so tests run the real ingress in-process
-//! on port 0; pingora runs on its own thread and runtimes (it owns them) and stops when [`App::drain`] is done.
+//! on port 0; the workers ([`crate::server`]) run on threads of their own, each a single-threaded runtime, and
+//! stop when [`App::drain`] is done.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,19 +11,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use mesh_runtime::{Admin, AdminError, AdminServer, Metrics, ReloadHandle, Shutdown};
-use pingora_core::listeners::tls::Acceptor;
-use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::{RunArgs, Server};
 use serde_json::json;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tracing::info;
 use xds_proto::client::{self, ClientConfig, ClientError, ClientHandle, Protocol};
 
 use crate::config::{self, ConfigError, NEEDED, XdsHandler};
 use crate::metrics::IngressMetrics;
-use crate::proxy::{Ingress, Settings, Shared};
+use crate::proxy::{Settings, Shared};
 use crate::routes::{Action, RouteTable};
-use crate::server::{AppSignal, Frontend, Proxy};
+use crate::server::{Listener, Signals, Worker};
 use crate::table::Table;
 
 /// Why the ingress could not start.
@@ -50,8 +48,8 @@ pub enum AppError {
     /// The TLS configuration could not be built.
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
-    /// The pingora thread could not start.
-    #[error("cannot start the proxy thread: {0}")]
+    /// A worker thread could not start.
+    #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
 }
 
@@ -86,7 +84,7 @@ pub struct Config {
     pub extra_http_addrs: Vec<SocketAddr>,
     /// The admin address (loopback).
     pub admin_addr: SocketAddr,
-    /// pingora worker threads.
+    /// Worker threads (each a single-threaded runtime with its own listening sockets).
     pub threads: usize,
     /// Data-path settings.
     pub settings: Settings,
@@ -128,11 +126,10 @@ pub struct App {
     /// Admin state (readiness).
     pub admin: Admin,
     client: Option<ClientHandle>,
-    proxy: Arc<Proxy>,
+    workers: Vec<Worker>,
     stop_accepting: watch::Sender<bool>,
     finish: watch::Sender<bool>,
-    stop_pingora: watch::Sender<bool>,
-    pingora_done: oneshot::Receiver<()>,
+    stop: watch::Sender<bool>,
     stop_admin: Shutdown,
 }
 
@@ -148,12 +145,12 @@ impl std::fmt::Debug for App {
 
 /// How long a draining ingress still answers the next request on an idle keep-alive connection (then closes it).
 /// Long enough for any client in a steady exchange to send its next request, short enough not to hold a drain.
-pub const IDLE_GRACE: Duration = Duration::from_secs(1);
+pub const IDLE_GRACE: Duration = crate::h1::IDLE_GRACE;
 
 impl App {
     /// Drains: not ready, stops accepting, lets requests in flight finish (HTTP/1 connections close after their
     /// response, HTTP/2 ones get GOAWAY, keep-alive ones idle for [`IDLE_GRACE`] close), waits up to `deadline` for every
-    /// connection to end, then stops pingora. Returns how many connections were still open at the deadline.
+    /// connection to end, then stops the workers. Returns how many connections were still open at the deadline.
     pub async fn drain(self, deadline: Duration) -> usize {
         self.admin.readiness().set_ready(false);
         self.shared.draining.store(true, Ordering::SeqCst);
@@ -162,17 +159,13 @@ impl App {
         info!(open = self.shared.conns.open(), "draining: no new connections; waiting for open ones");
         // A keep-alive connection between two requests is not closed at once: its client may be sending the
         // next request right now, and closing would reset it. For `IDLE_GRACE` every next request is still
-        // answered (with `Connection: close`), as Envoy's drain does; only connections idle that long are
-        // closed. Under steady load this leaves no request lost to the drain.
-        let grace = IDLE_GRACE.min(deadline);
-        let start = tokio::time::Instant::now();
-        let mut left = self.shared.conns.wait_idle(grace).await;
-        if left > 0 {
-            crate::server::wake_idle(&self.proxy).await;
-            left = self.shared.conns.wait_idle(deadline.saturating_sub(start.elapsed())).await;
+        // answered (with `Connection: close`), as Envoy's drain does; only connections idle that long close
+        // (each connection keeps that time itself). Under steady load this leaves no request lost to the drain.
+        let left = self.shared.conns.wait_idle(deadline).await;
+        let _ = self.stop.send(true);
+        for w in self.workers {
+            w.join(Duration::from_secs(10)).await;
         }
-        let _ = self.stop_pingora.send(true);
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.pingora_done).await;
         if let Some(c) = self.client {
             c.stop().await;
         }
@@ -235,27 +228,23 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
         "clusters": clusters, "secrets": secrets, "openConnections": shared.conns.open()})
 }
 
-fn bind(addr: SocketAddr, what: &'static str) -> Result<std::net::TcpListener, AppError> {
-    let l = std::net::TcpListener::bind(addr).map_err(|source| AppError::Bind { addr, what, source })?;
-    // Accepted connections inherit TCP_NODELAY from the listening socket (Linux). Without it a response written
-    // as a header and then a small body waits for the client's delayed ACK (about 40 ms) under Nagle's rule.
-    rustix::net::sockopt::set_tcp_nodelay(&l, true).map_err(|e| AppError::Bind { addr, what, source: e.into() })?;
-    Ok(l)
+/// Binds one socket per worker on `addr`; returns them and the bound address.
+fn bind(addr: SocketAddr, what: &'static str, n: usize) -> Result<(Vec<std::net::TcpListener>, SocketAddr), AppError> {
+    let ls = crate::server::bind(addr, n).map_err(|source| AppError::Bind { addr, what, source })?;
+    let at = ls[0].local_addr().map_err(|source| AppError::Bind { addr, what, source })?;
+    Ok((ls, at))
 }
 
 /// Starts the ingress.
 pub async fn build(cfg: Config) -> Result<App, AppError> {
-    let http = bind(cfg.http_addr, "http")?;
-    let https = bind(cfg.https_addr, "https")?;
-    let local =
-        |l: &std::net::TcpListener, addr, what| l.local_addr().map_err(|source| AppError::Bind { addr, what, source });
-    let http_addr = local(&http, cfg.http_addr, "http")?;
-    let https_addr = local(&https, cfg.https_addr, "https")?;
+    let threads = cfg.threads.max(1);
+    let (http, http_addr) = bind(cfg.http_addr, "http", threads)?;
+    let (https, https_addr) = bind(cfg.https_addr, "https", threads)?;
     let mut plain = vec![http];
     let mut extra_http_addrs = Vec::new();
     for addr in &cfg.extra_http_addrs {
-        let l = bind(*addr, "http")?;
-        extra_http_addrs.push(local(&l, *addr, "http")?);
+        let (l, at) = bind(*addr, "http", threads)?;
+        extra_http_addrs.push(at);
         plain.push(l);
     }
 
@@ -307,42 +296,32 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     };
 
     let tls = crate::tls::server_config(shared.resolver.clone())?;
-    let acceptor = Arc::new(Acceptor::from_server_config(Arc::new(tls)));
-    let conf = ServerConf {
-        threads: cfg.threads.max(1),
-        // The drain happens before pingora's shutdown (see `server`): nothing left to wait for by then.
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    let mut proxy = pingora_proxy::http_proxy(&server.configuration, Ingress::new(shared.clone()));
-    let mut options = pingora_core::apps::HttpServerOptions::default();
-    // Cleartext HTTP/2 with prior knowledge (the accept loop has already told h2c from HTTP/1 by the preface).
-    options.h2c = true;
-    proxy.server_options = Some(options);
-    let proxy = Arc::new(proxy);
-    let (stop_accepting, stop_rx) = watch::channel(false);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let (stop_accepting, stop_accepting_rx) = watch::channel(false);
     let (finish, finish_rx) = watch::channel(false);
-    let (stop_pingora, pingora_rx) = watch::channel(false);
-    server.add_service(Frontend {
-        http: plain,
-        https: Some(https),
-        acceptor,
-        proxy: proxy.clone(),
-        shared: shared.clone(),
-        stop_accepting: stop_rx,
-        finish: finish_rx,
-        threads: cfg.threads,
-    });
-    let (done_tx, pingora_done) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("pingora".into())
-        .spawn(move || {
-            server.run(RunArgs { shutdown_signal: Box::new(AppSignal(pingora_rx)) });
-            let _ = done_tx.send(());
-        })
-        .map_err(AppError::Thread)?;
+    let (stop, stop_rx) = watch::channel(false);
+    let signals = Signals { stop_accepting: stop_accepting_rx, finish: finish_rx, stop: stop_rx };
+    // Worker i gets the i-th socket of every address.
+    let mut per_worker: Vec<Vec<Listener>> = (0..threads).map(|_| Vec::new()).collect();
+    for group in plain {
+        for (i, socket) in group.into_iter().enumerate() {
+            per_worker[i].push(Listener { socket, tls: None });
+        }
+    }
+    for (i, socket) in https.into_iter().enumerate() {
+        per_worker[i].push(Listener { socket, tls: Some(acceptor.clone()) });
+    }
+    let mut workers = Vec::with_capacity(threads);
+    for (i, listeners) in per_worker.into_iter().enumerate() {
+        match Worker::spawn(i, listeners, shared.clone(), signals.clone()) {
+            Ok(w) => workers.push(w),
+            Err(e) => {
+                let _ = stop.send(true);
+                stop_admin.trigger();
+                return Err(AppError::Thread(e));
+            }
+        }
+    }
     Ok(App {
         http_addr,
         https_addr,
@@ -351,11 +330,10 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         shared,
         admin,
         client,
-        proxy,
+        workers,
         stop_accepting,
         finish,
-        stop_pingora,
-        pingora_done,
+        stop,
         stop_admin,
     })
 }

@@ -1,5 +1,5 @@
 //! `mesh-ingress`: the ingress proxy (a Deployment): TLS by SNI and Host/path routing per the Kubernetes Ingress
-//! API, on pingora.
+//! API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,7 +42,7 @@ struct Args {
     /// Where to serve the admin endpoints (/ready, /metrics, /config_dump, /logging); loopback only.
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:19002")]
     admin_addr: SocketAddr,
-    /// Worker threads of the proxy.
+    /// Worker threads: each a single-threaded runtime with its own listening sockets (SO_REUSEPORT).
     #[arg(long, env = "MESH_THREADS", default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
     /// How long one upstream connect attempt may take, in milliseconds.
@@ -54,12 +54,32 @@ struct Args {
     /// The largest request header section, in bytes (larger: 431).
     #[arg(long, env = "MESH_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
     max_header_bytes: usize,
+    /// The longest request line, in bytes (longer: 414).
+    #[arg(long, env = "MESH_MAX_REQUEST_LINE", default_value_t = 8 * 1024)]
+    max_request_line: usize,
+    /// The most request headers (more: 431).
+    #[arg(long, env = "MESH_MAX_HEADERS", default_value_t = 100)]
+    max_headers: usize,
     /// The largest request body, in bytes (larger: 413).
     #[arg(long, env = "MESH_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_body_bytes: u64,
     /// How long a client may take to send its request headers, in milliseconds.
     #[arg(long, env = "MESH_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
     header_timeout_ms: u64,
+    /// How long a request body may stay idle between reads, in milliseconds (then 408).
+    #[arg(long, env = "MESH_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    body_timeout_ms: u64,
+    /// How long a whole request body may take to arrive, in milliseconds (then 408).
+    #[arg(long, env = "MESH_REQUEST_TIMEOUT_MS", default_value_t = 60_000)]
+    request_timeout_ms: u64,
+    /// How long an upstream may take to start its response (and between reads of its body), in milliseconds
+    /// (then 504).
+    #[arg(long, env = "MESH_UPSTREAM_TIMEOUT_MS", default_value_t = 60_000)]
+    upstream_timeout_ms: u64,
+    /// Peers (CIDRs or addresses, comma-separated) whose X-Forwarded-*, Forwarded, X-Real-IP and
+    /// True-Client-IP headers are believed, e.g. the load balancer in front. Default: none.
+    #[arg(long, env = "MESH_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Vec<mesh_ingress::proxy::Cidr>,
     /// How long an idle client keep-alive connection stays open, in seconds.
     #[arg(long, env = "MESH_KEEPALIVE_S", default_value_t = 60)]
     keepalive_s: u64,
@@ -77,10 +97,11 @@ struct Args {
     log_json: bool,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+// The request path runs on its own worker threads (see `--threads`); this runtime has the admin server, the
+// xDS client and the signals.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    // Also bridges pingora's `log` records into tracing.
     let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
     let source = match (args.xds, args.snapshot) {
         (_, Some(path)) => Source::File(path),
@@ -103,6 +124,12 @@ async fn main() -> anyhow::Result<()> {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             connect_attempts: args.connect_attempts.max(1),
             max_header_bytes: args.max_header_bytes,
+            max_request_line: args.max_request_line,
+            max_headers: args.max_headers,
+            body_timeout: Duration::from_millis(args.body_timeout_ms),
+            request_timeout: Duration::from_millis(args.request_timeout_ms),
+            upstream_timeout: Duration::from_millis(args.upstream_timeout_ms),
+            trusted_proxies: args.trusted_proxies,
             max_body_bytes: args.max_body_bytes,
             header_timeout: Duration::from_millis(args.header_timeout_ms),
             keepalive_s: args.keepalive_s,

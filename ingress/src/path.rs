@@ -1,11 +1,13 @@
-//! Request-path normalisation for matching, so that `/a/%62`, `/a/./b/../b` and `/a/b` all match a rule for
-//! `/a/b`, while the original path is what goes upstream (the backend sees exactly what the client sent).
+//! Request-path normalisation, so that `/a/%62`, `/a/./b/../b`, `/a//b` and `/a/b` all match a rule for `/a/b`;
+//! and the normalised path is what goes upstream, so the route chosen and the resource the backend serves can
+//! never differ (`/api/../secret` is routed *and* forwarded as `/secret`), as Envoy's `normalize_path` +
+//! `merge_slashes` do.
 //!
-//! What is done (RFC 3986 §6.2.2, as Envoy's `normalize_path`): percent-encoded *unreserved* characters are
-//! decoded (`%7E` → `~`), other escapes keep their encoding with upper-case hex (`%2f` → `%2F`, so an encoded
-//! slash never becomes a path separator), and `.`/`..` segments are removed without ever climbing above the
-//! root (`/../etc` → `/etc`). Not done: merging repeated slashes (Envoy's default too), case folding (paths are
-//! case-sensitive in the Ingress API).
+//! What is done (RFC 3986 §6.2.2): percent-encoded *unreserved* characters are decoded (`%7E` → `~`), other
+//! escapes keep their encoding with upper-case hex (`%2f` → `%2F`, so an encoded slash never becomes a path
+//! separator), repeated slashes are merged (`//a///b` → `/a/b`), and `.`/`..` segments are removed without ever
+//! climbing above the root (`/../etc` → `/etc`). Not done: case folding (paths are case-sensitive in the Ingress
+//! API). The query string is not touched.
 
 use std::borrow::Cow;
 
@@ -27,7 +29,7 @@ fn hex(b: u8) -> Option<u8> {
 pub fn normalize(path: &str) -> Cow<'_, str> {
     let bytes = path.as_bytes();
     let needs_decode = bytes.contains(&b'%');
-    let needs_dots = path.contains("/.");
+    let needs_dots = path.contains("/.") || path.contains("//");
     if !needs_decode && !needs_dots && path.starts_with('/') {
         return Cow::Borrowed(path);
     }
@@ -77,6 +79,8 @@ fn remove_dot_segments(path: &str) -> String {
                 out.pop();
                 trailing_slash = i == last;
             }
+            // Repeated slashes merge; an empty last segment is the trailing slash.
+            "" if i != last => {}
             s => {
                 out.push(s);
                 trailing_slash = false;
@@ -122,5 +126,13 @@ mod tests {
         assert_eq!(normalize("/a/."), "/a/");
         assert_eq!(normalize("/.."), "/");
         assert_eq!(normalize("/a/.hidden"), "/a/.hidden");
+    }
+
+    #[test]
+    fn repeated_slashes_merge_and_a_trailing_slash_stays() {
+        assert_eq!(normalize("//a///b"), "/a/b");
+        assert_eq!(normalize("/a//"), "/a/");
+        assert_eq!(normalize("//"), "/");
+        assert_eq!(normalize("/api/..//secret"), "/secret");
     }
 }

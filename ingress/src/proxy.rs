@@ -1,50 +1,39 @@
-//! The request path: a pingora [`ProxyHttp`] that routes each request by Host and path through the current
-//! table, answers what the table answers directly (404, 503 for a missing backend, the HTTPS redirect), and
-//! proxies the rest to an endpoint of the Cluster.
+//! What both request paths share: the settings, the state the data path reads ([`Shared`]), the routing
+//! decision of a request ([`route`]), the forwarding-header trust rule, and the bookkeeping of a finished request
+//! (metrics and the access log, [`finish`]).
 //!
-//! On the way it enforces what an edge proxy must:
-//! - **Request smuggling**: an HTTP/1 request carrying both `Content-Length` and `Transfer-Encoding` is refused
-//!   with 400 and the connection closed (pingora alone would drop `Content-Length` and go on); differing
-//!   duplicate `Content-Length`s and a non-final `chunked` are refused by pingora's parser.
-//! - **Limits**: request headers over [`Settings::max_header_bytes`] → 431; a body over
-//!   [`Settings::max_body_bytes`] → 413 (at once from `Content-Length`, or as soon as the streamed body passes
-//!   it); the header read deadline is enforced per connection by [`crate::server`].
-//! - **Forwarding headers**: `X-Forwarded-For` gets the client address appended; `X-Forwarded-Proto` and
-//!   `X-Forwarded-Host` are set (we are the edge: a client's own values are replaced); `X-Request-Id` is kept
-//!   when the client (or the load balancer in front) sent a sane one, else generated, and echoed in the response.
+//! The request paths themselves: [`crate::h1`] (HTTP/1.x, our own lean path) and [`crate::h2`] (HTTP/2 on
+//! hyper). Rules both enforce:
+//! - **Forwarding headers**: `X-Forwarded-For` gets the client address appended (the rightmost entry is always
+//!   ours); `X-Forwarded-Proto`, `-Host` and `-Port` are set by us, and a client's own `Forwarded`,
+//!   `X-Real-IP` and `True-Client-IP` are dropped, unless the peer is in [`Settings::trusted_proxies`] (a load
+//!   balancer in front that sets them itself): then its values pass. `X-Real-IP` is set to the client address.
+//!   `X-Request-Id` is kept when the client sent a sane one, else generated, and echoed in the response.
 //! - **Hop-by-hop headers** (`Connection` and what it names, `Keep-Alive`, `Proxy-Connection`, `TE` other than
-//!   `trailers`, `Upgrade` outside an upgrade) are not forwarded either way.
-//! - **Upstream protocol**: gRPC (`content-type: application/grpc*`) goes upstream over HTTP/2 cleartext (prior
-//!   knowledge), everything else over HTTP/1.1 with keep-alive pools, whatever the client spoke (the Cluster
-//!   does not say whether a backend speaks h2c, and HTTP/1.1 is what every web backend speaks). WebSocket and
-//!   other `Upgrade` requests pass through on HTTP/1.1.
+//!   `trailers`, `Upgrade` outside a WebSocket upgrade, `HTTP2-Settings`) are not forwarded either way.
+//! - **Every response has a `Server` header**: the upstream's when it sent one, else [`SERVER`].
 //! - **Retries**: only when a connection to the endpoint could not be made (nothing was sent), on another
 //!   endpoint, up to [`Settings::connect_attempts`] endpoints in all.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use bytes::Bytes;
-use pingora_core::protocols::http::ServerSession;
-use pingora_core::upstreams::peer::{H1UpgradePolicy, HttpPeer};
-use pingora_error::{Error, ErrorType, Result};
-use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{ProxyHttp, Session};
-use tokio::sync::Notify;
 
 use crate::metrics::{IngressMetrics, LatencyLabels, RequestLabels};
-use crate::path;
 use crate::routes::{Action, Route};
 use crate::table::Table;
 use crate::tls::SniResolver;
-use crate::upstream::{Cluster, EndpointStats, InFlight};
+use crate::upstream::Cluster;
 
 /// The body of the 404 a request gets when no rule matches (the same text `mesh-control` puts in its routes).
 pub const NOT_FOUND_BODY: &str = "404 page not found: no Ingress rule matches this host and path\n";
+
+/// The `Server` header of our own answers, and of proxied responses whose upstream sent none.
+pub const SERVER: &str = "mesh";
 
 /// Data-path settings.
 #[derive(Debug, Clone)]
@@ -53,20 +42,30 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// How many endpoints a request tries when connecting fails.
     pub connect_attempts: usize,
-    /// The largest request header section (request line and headers), in bytes.
+    /// The largest request header section (request line and headers), in bytes (larger: 431).
     pub max_header_bytes: usize,
+    /// The longest request line, in bytes (longer: 414).
+    pub max_request_line: usize,
+    /// The most request headers (more: 431).
+    pub max_headers: usize,
     /// The largest request body, in bytes.
     pub max_body_bytes: u64,
     /// How long a client may take to send a request's headers (slowloris).
     pub header_timeout: Duration,
-    /// How long a read of the request body may wait for data.
+    /// How long a read of the request body may wait for data (idle between reads).
     pub body_timeout: Duration,
+    /// How long the whole request body may take to arrive (a body trickled a byte at a time).
+    pub request_timeout: Duration,
+    /// How long the upstream may take to start its response once the request is sent.
+    pub upstream_timeout: Duration,
     /// How long an idle keep-alive client connection stays open, in seconds.
     pub keepalive_s: u64,
     /// How long an idle upstream connection stays in the pool.
     pub upstream_idle: Duration,
     /// One structured log line per request (target `access`).
     pub access_log: bool,
+    /// Peers whose `X-Forwarded-*`, `Forwarded`, `X-Real-IP` and `True-Client-IP` are believed.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl Default for Settings {
@@ -75,12 +74,69 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(5),
             connect_attempts: 3,
             max_header_bytes: 64 * 1024,
+            max_request_line: 8 * 1024,
+            max_headers: 100,
             max_body_bytes: 8 * 1024 * 1024,
             header_timeout: Duration::from_secs(10),
-            body_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            upstream_timeout: Duration::from_secs(60),
             keepalive_s: 60,
             upstream_idle: Duration::from_secs(60),
             access_log: false,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// An IP network (`10.0.0.0/8`, `2001:db8::/32`, or one address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+/// Why a CIDR does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IP address or CIDR (like 10.0.0.0/8)")]
+pub struct CidrError(String);
+
+impl std::str::FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || CidrError(s.to_owned());
+        let (ip, bits) = match s.trim().split_once('/') {
+            Some((ip, bits)) => (ip, Some(bits.parse::<u8>().map_err(|_| bad())?)),
+            None => (s.trim(), None),
+        };
+        let net: IpAddr = ip.parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        if bits > max {
+            return Err(bad());
+        }
+        Ok(Cidr { net, bits })
+    }
+}
+
+impl Cidr {
+    /// Whether `ip` is in the network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.bits)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
         }
     }
 }
@@ -122,63 +178,56 @@ impl Shared {
         self.resolver.table.store(t.certs.clone());
         self.table.store(Arc::new(t));
     }
-}
 
-/// Signals a connection's header deadline watchdog that a request's headers have arrived; handed to pingora as
-/// the connection's user context and given back to us in [`ProxyHttp::on_connection_reuse`].
-#[derive(Debug, Default)]
-pub struct HeadersRead(pub Notify);
-
-/// The per-request state.
-#[derive(Debug)]
-pub struct Ctx {
-    start: Instant,
-    tls: bool,
-    vhost: Arc<str>,
-    route: Option<Arc<Route>>,
-    cluster: Option<Arc<Cluster>>,
-    tried: Vec<SocketAddr>,
-    endpoint: Option<Arc<EndpointStats>>,
-    in_flight: Option<InFlight>,
-    request_id: String,
-    body_bytes: u64,
-    grpc: bool,
-    upgrade: bool,
-    status_override: Option<u16>,
-}
-
-/// The ingress proxy logic.
-#[derive(Debug, Clone)]
-pub struct Ingress {
-    shared: Arc<Shared>,
-}
-
-impl Ingress {
-    /// The logic over `shared`.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Ingress { shared }
+    /// Whether the peer's forwarding headers are believed.
+    pub fn trusted(&self, peer: IpAddr) -> bool {
+        self.settings.trusted_proxies.iter().any(|c| c.contains(peer))
     }
 }
 
-/// Whether raw HTTP/1 request headers carry both `Content-Length` and `Transfer-Encoding`.
-pub fn conflicting_framing(raw: &[u8]) -> bool {
-    let mut cl = false;
-    let mut te = false;
-    for line in raw.split(|b| *b == b'\n').skip(1) {
-        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
-        let name = line[..colon].trim_ascii();
-        cl |= name.eq_ignore_ascii_case(b"content-length");
-        te |= name.eq_ignore_ascii_case(b"transfer-encoding");
-    }
-    cl && te
+/// A request id: 32 hex digits, made without allocating.
+#[derive(Clone, Copy)]
+pub struct RequestId {
+    buf: [u8; 128],
+    len: u8,
 }
 
-fn header_bytes(req: &RequestHeader) -> usize {
-    let target = req.uri.path_and_query().map_or(1, |p| p.as_str().len())
-        + req.uri.authority().map_or(0, |a| a.as_str().len())
-        + req.uri.scheme_str().map_or(0, str::len);
-    let line = req.method.as_str().len() + target + 12;
-    line + req.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>()
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl RequestId {
+    /// The client's id when it is sane (short, visible ASCII), else a new random one.
+    pub fn from_client(v: Option<&[u8]>) -> RequestId {
+        match v {
+            Some(v) if sane_request_id(v) => {
+                let mut buf = [0u8; 128];
+                buf[..v.len()].copy_from_slice(v);
+                RequestId { buf, len: v.len() as u8 }
+            }
+            _ => RequestId::random(),
+        }
+    }
+
+    /// A new random id.
+    pub fn random() -> RequestId {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 128];
+        let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+        for i in 0..16 {
+            buf[i] = HEX[(a >> (60 - 4 * i) & 0xf) as usize];
+            buf[16 + i] = HEX[(b >> (60 - 4 * i) & 0xf) as usize];
+        }
+        RequestId { buf, len: 32 }
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Only visible ASCII is ever stored.
+        std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or("-")
+    }
 }
 
 /// A request id a client may hand us: short, visible ASCII.
@@ -186,382 +235,184 @@ fn sane_request_id(v: &[u8]) -> bool {
     !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic())
 }
 
-fn new_request_id() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+/// Where a request goes, decided once from the table.
+#[derive(Debug)]
+pub struct Routed {
+    /// The virtual host that matched (`-` when none did): a metric label bounded by configuration.
+    pub vhost: Arc<str>,
+    /// The route that matched.
+    pub route: Option<Arc<Route>>,
+    /// What to do.
+    pub outcome: Outcome,
 }
 
-/// The request's authority: `:authority`/absolute-form host, else the `Host` header.
-fn authority(req: &RequestHeader) -> &str {
-    if let Some(a) = req.uri.authority() {
-        return a.as_str();
-    }
-    req.headers.get(http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("")
+/// What a routed request gets.
+#[derive(Debug)]
+pub enum Outcome {
+    /// An answer of ours.
+    Answer {
+        /// The status.
+        status: u16,
+        /// The body.
+        body: Bytes,
+        /// A redirect's `Location`.
+        location: Option<String>,
+    },
+    /// Proxy to an endpoint of this cluster.
+    Proxy(Arc<Cluster>),
 }
 
-async fn respond(session: &mut Session, status: u16, body: Bytes, location: Option<String>, close: bool) -> Result<()> {
-    let mut h = ResponseHeader::build(status, Some(4))?;
-    h.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
-    h.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-    if let Some(l) = location {
-        h.insert_header(http::header::LOCATION, l)?;
-    }
-    if close {
-        session.set_keepalive(None);
-        if !session.is_http2() {
-            h.insert_header(http::header::CONNECTION, "close")?;
-        }
-    }
-    let empty = body.is_empty();
-    session.write_response_header(Box::new(h), empty).await?;
-    if !empty {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(())
-}
-
-const HOP_BY_HOP: [&str; 5] = ["keep-alive", "proxy-connection", "proxy-authenticate", "trailer", "upgrade"];
-
-#[async_trait]
-impl ProxyHttp for Ingress {
-    type CTX = Ctx;
-
-    fn new_ctx(&self) -> Ctx {
-        Ctx {
-            start: Instant::now(),
-            tls: false,
+/// Routes a request by authority and (normalised) path through `table`.
+pub fn route(table: &Table, tls: bool, authority: &str, path: &str, query: Option<&str>) -> Routed {
+    let routes = if tls { &table.https } else { &table.http };
+    let Some((vhost, route)) = routes.find(authority, path) else {
+        return Routed {
             vhost: crate::metrics::none(),
             route: None,
-            cluster: None,
-            tried: Vec::new(),
-            endpoint: None,
-            in_flight: None,
-            request_id: String::new(),
-            body_bytes: 0,
-            grpc: false,
-            upgrade: false,
-            status_override: None,
-        }
-    }
-
-    fn on_connection_reuse(&self, _session: &mut Session, _ctx: &mut Ctx, prev: Box<dyn std::any::Any + Send + Sync>) {
-        if let Some(h) = prev.downcast_ref::<Arc<HeadersRead>>() {
-            h.0.notify_one();
-        }
-    }
-
-    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
-        ctx.start = Instant::now();
-        // The header deadline is over; from here a read waits at most the body timeout for data.
-        session.set_read_timeout(Some(self.shared.settings.body_timeout));
-        Ok(())
-    }
-
-    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let s = &self.shared.settings;
-        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        let (raw_len, smuggling) = match session.as_downstream() {
-            ServerSession::H1(h1) => {
-                let raw = h1.get_headers_raw_bytes();
-                (raw.len(), conflicting_framing(&raw))
-            }
-            _ => (header_bytes(session.req_header()), false),
-        };
-        if smuggling {
-            ctx.status_override = Some(400);
-            respond(
-                session,
-                400,
-                Bytes::from_static(b"400 bad request: both Content-Length and Transfer-Encoding\n"),
-                None,
-                true,
-            )
-            .await?;
-            return Ok(true);
-        }
-        if raw_len > s.max_header_bytes {
-            ctx.status_override = Some(431);
-            respond(session, 431, Bytes::from_static(b"431 request header fields too large\n"), None, true).await?;
-            return Ok(true);
-        }
-        let req = session.req_header();
-        let declared =
-            req.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok());
-        if declared.is_some_and(|n| n > s.max_body_bytes) {
-            ctx.status_override = Some(413);
-            respond(session, 413, Bytes::from_static(b"413 request body too large\n"), None, true).await?;
-            return Ok(true);
-        }
-        ctx.grpc =
-            req.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        ctx.upgrade = session.is_upgrade_req();
-        ctx.request_id = match req.headers.get("x-request-id") {
-            Some(v) if sane_request_id(v.as_bytes()) => String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            _ => new_request_id(),
-        };
-
-        let table = self.shared.table.load_full();
-        let routes = if ctx.tls { &table.https } else { &table.http };
-        let host = authority(req).to_owned();
-        let normalized = path::normalize(req.uri.path());
-        let Some((vhost, route)) = routes.find(&host, &normalized) else {
-            respond(session, 404, Bytes::from_static(NOT_FOUND_BODY.as_bytes()), None, false).await?;
-            return Ok(true);
-        };
-        ctx.vhost = vhost.name.clone();
-        ctx.route = Some(route.clone());
-        match &route.action {
-            Action::Direct { status, body } => {
-                respond(session, *status, body.clone(), None, false).await?;
-                Ok(true)
-            }
-            Action::RedirectHttps { status } => {
-                let host = crate::routes::host_key(&host);
-                let host = if host.contains(':') { format!("[{host}]") } else { host.into_owned() };
-                let pq = session.req_header().uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-                respond(session, *status, Bytes::new(), Some(format!("https://{host}{pq}")), false).await?;
-                Ok(true)
-            }
-            Action::Cluster(name) => match table.clusters.get(&**name) {
-                Some(c) => {
-                    ctx.cluster = Some(c.clone());
-                    Ok(false)
-                }
-                None => {
-                    let body = format!("503 service unavailable: cluster {name} is not known\n");
-                    respond(session, 503, Bytes::from(body), None, false).await?;
-                    Ok(true)
-                }
+            outcome: Outcome::Answer {
+                status: 404,
+                body: Bytes::from_static(NOT_FOUND_BODY.as_bytes()),
+                location: None,
             },
-        }
-    }
-
-    async fn request_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        if let Some(b) = body {
-            ctx.body_bytes += b.len() as u64;
-            if ctx.body_bytes > self.shared.settings.max_body_bytes {
-                ctx.status_override = Some(413);
-                return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
-            }
-        }
-        Ok(())
-    }
-
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        let Some(cluster) = ctx.cluster.clone() else {
-            return Error::e_explain(ErrorType::HTTPStatus(503), "no cluster for this route");
         };
-        let Some(ep) = cluster.pick(&ctx.tried) else {
-            if ctx.tried.is_empty() {
-                self.shared.metrics.upstream_failure(&cluster.name, "no_endpoint");
-            }
-            return Error::e_explain(
-                ErrorType::HTTPStatus(if ctx.tried.is_empty() { 503 } else { 502 }),
-                format!("no usable endpoint in cluster {}", cluster.name),
-            );
-        };
-        ctx.tried.push(ep.addr);
-        ctx.in_flight = Some(InFlight::new(&ep.stats));
-        ctx.endpoint = Some(ep.stats.clone());
-        let s = &self.shared.settings;
-        let mut peer = HttpPeer::new(ep.addr, false, String::new());
-        peer.options.connection_timeout = Some(s.connect_timeout);
-        peer.options.idle_timeout = Some(s.upstream_idle);
-        // Upgrades (WebSocket and others) pass through whole; hop-by-hop headers are cleaned below.
-        peer.options.http_upstream_request_policy.h1_upgrade = H1UpgradePolicy::Preserve;
-        if ctx.grpc {
-            peer.options.set_http_version(2, 2);
-            peer.options.max_h2_streams = 100;
-        }
-        Ok(Box::new(peer))
-    }
-
-    fn fail_to_connect(
-        &self,
-        _session: &mut Session,
-        _peer: &HttpPeer,
-        ctx: &mut Ctx,
-        mut e: Box<Error>,
-    ) -> Box<Error> {
-        let name = ctx.cluster.as_ref().map_or("-".into(), |c| c.name.clone());
-        self.shared.metrics.upstream_failure(&name, "connect");
-        if let Some(stats) = ctx.endpoint.take()
-            && stats.connect_failed()
-        {
-            self.shared.metrics.upstream_failure(&name, "ejected");
-            tracing::warn!(cluster = %name, endpoint = ?ctx.tried.last(), "endpoint ejected after repeated connect failures");
-        }
-        ctx.in_flight = None;
-        let more = ctx.cluster.as_ref().is_some_and(|c| c.pick(&ctx.tried).is_some());
-        if more && ctx.tried.len() < self.shared.settings.connect_attempts {
-            e.set_retry(true);
-        }
-        e
-    }
-
-    async fn connected_to_upstream(
-        &self,
-        _session: &mut Session,
-        _reused: bool,
-        _peer: &HttpPeer,
-        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
-        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
-        _digest: Option<&pingora_core::protocols::Digest>,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        if let Some(stats) = &ctx.endpoint {
-            stats.connected();
-        }
-        Ok(())
-    }
-
-    async fn upstream_request_filter(
-        &self,
-        session: &mut Session,
-        up: &mut RequestHeader,
-        ctx: &mut Ctx,
-    ) -> Result<()> {
-        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string());
-        let host = authority(session.req_header()).to_owned();
-        // Hop-by-hop headers, and whatever Connection names (kept for an upgrade, which needs them).
-        if !ctx.upgrade {
-            let named: Vec<String> = up
-                .headers
-                .get_all(http::header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(|t| t.trim().to_ascii_lowercase())
-                .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
-                .collect();
-            for n in named {
-                up.remove_header(n.as_str());
-            }
-            up.remove_header(&http::header::CONNECTION);
-            for h in HOP_BY_HOP {
-                up.remove_header(h);
-            }
-        } else {
-            for h in ["keep-alive", "proxy-connection"] {
-                up.remove_header(h);
-            }
-        }
-        if up.headers.get(http::header::TE).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers")) {
-            up.remove_header(&http::header::TE);
-        }
-        if let Some(ip) = client {
-            let xff = match up.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-                _ => ip,
+    };
+    let outcome = match &route.action {
+        Action::Direct { status, body } => Outcome::Answer { status: *status, body: body.clone(), location: None },
+        Action::RedirectHttps { status } => {
+            let host = crate::routes::host_key(authority);
+            let host = if host.contains(':') { format!("[{host}]") } else { host.into_owned() };
+            let location = match query {
+                Some(q) => format!("https://{host}{path}?{q}"),
+                None => format!("https://{host}{path}"),
             };
-            up.insert_header("x-forwarded-for", xff)?;
+            Outcome::Answer { status: *status, body: Bytes::new(), location: Some(location) }
         }
-        up.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
-        if !host.is_empty() {
-            up.insert_header("x-forwarded-host", host.as_str())?;
-        }
-        up.insert_header("x-request-id", ctx.request_id.as_str())?;
-        if !ctx.grpc {
-            // HTTP/1.1 upstream: origin-form target and a Host header, whatever the client spoke.
-            if up.headers.get(http::header::HOST).is_none() && !host.is_empty() {
-                up.insert_header(http::header::HOST, host.as_str())?;
-            }
-            if up.uri.authority().is_some() {
-                let pq = up.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-                up.set_uri(pq.parse().map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad path"))?);
-            }
-        }
-        Ok(())
-    }
+        Action::Cluster(name) => match table.clusters.get(&**name) {
+            Some(c) => Outcome::Proxy(c.clone()),
+            None => Outcome::Answer {
+                status: 503,
+                body: Bytes::from(format!("503 service unavailable: cluster {name} is not known\n")),
+                location: None,
+            },
+        },
+    };
+    Routed { vhost: vhost.name.clone(), route: Some(route.clone()), outcome }
+}
 
-    async fn upstream_response_filter(
-        &self,
-        _session: &mut Session,
-        resp: &mut ResponseHeader,
-        _ctx: &mut Ctx,
-    ) -> Result<()> {
-        if resp.status.as_u16() != 101 {
-            // Hop-by-hop fields of the upstream connection, and whatever its Connection header names.
-            let named: Vec<String> = resp
-                .headers
-                .get_all(http::header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(|t| t.trim().to_ascii_lowercase())
-                .filter(|t| !t.is_empty() && t != "close" && t != "keep-alive")
-                .collect();
-            for n in named {
-                resp.remove_header(n.as_str());
-            }
-            for h in ["keep-alive", "proxy-connection"] {
-                resp.remove_header(h);
-            }
-        }
-        Ok(())
-    }
+/// One finished request, for metrics and the access log.
+#[derive(Debug)]
+pub struct Done<'a> {
+    /// `http` or `https`.
+    pub listener: &'static str,
+    /// The client.
+    pub client: SocketAddr,
+    /// The method.
+    pub method: &'a str,
+    /// The authority.
+    pub authority: &'a str,
+    /// The path (as routed).
+    pub path: &'a str,
+    /// `HTTP/1.1`, `HTTP/2`, ...
+    pub version: &'static str,
+    /// The routing decision (absent when the request was refused before routing).
+    pub routed: Option<&'a Routed>,
+    /// The status sent (0: none).
+    pub status: u16,
+    /// The endpoint last tried.
+    pub endpoint: Option<SocketAddr>,
+    /// Endpoints tried.
+    pub attempts: usize,
+    /// Request body bytes read.
+    pub body_in: u64,
+    /// Response body bytes sent.
+    pub body_out: u64,
+    /// The request id.
+    pub request_id: &'a str,
+    /// When the request began.
+    pub start: Instant,
+    /// What went wrong, if anything.
+    pub error: Option<&'a str>,
+}
 
-    async fn response_filter(&self, session: &mut Session, resp: &mut ResponseHeader, ctx: &mut Ctx) -> Result<()> {
-        if ctx.route.is_some() && !ctx.request_id.is_empty() {
-            resp.insert_header("x-request-id", ctx.request_id.as_str())?;
-        }
-        if self.shared.draining.load(Ordering::Relaxed) {
-            session.set_keepalive(None);
-        }
-        Ok(())
+/// Counts a finished request and writes its access-log line.
+pub fn finish(shared: &Shared, d: &Done<'_>) {
+    let m = &shared.metrics;
+    let (vhost, route, upstream) = match d.routed {
+        Some(r) => (
+            r.vhost.clone(),
+            r.route.as_ref().map_or_else(crate::metrics::none, |r| r.label.clone()),
+            match &r.outcome {
+                Outcome::Proxy(c) => c.name.clone(),
+                Outcome::Answer { .. } => crate::metrics::none(),
+            },
+        ),
+        None => (crate::metrics::none(), crate::metrics::none(), crate::metrics::none()),
+    };
+    if d.error.is_some() && d.status >= 500 && &*upstream != "-" {
+        m.upstream_failure(&upstream, "proxy");
     }
+    let elapsed = d.start.elapsed();
+    m.latency
+        .get_or_create(&LatencyLabels { listener: d.listener, host: vhost.clone() })
+        .observe(elapsed.as_secs_f64());
+    if shared.settings.access_log {
+        tracing::info!(
+            target: "access",
+            client = %d.client,
+            method = d.method,
+            authority = d.authority,
+            path = d.path,
+            version = d.version,
+            status = d.status,
+            listener = d.listener,
+            vhost = %vhost,
+            route = &*route,
+            upstream = &*upstream,
+            endpoint = ?d.endpoint,
+            attempts = d.attempts,
+            body_in = d.body_in,
+            body_out = d.body_out,
+            duration_us = elapsed.as_micros() as u64,
+            request_id = d.request_id,
+            error = d.error,
+            "request"
+        );
+    }
+    m.requests
+        .get_or_create(&RequestLabels { listener: d.listener, host: vhost, route, status: d.status, upstream })
+        .inc();
+}
 
-    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        ctx.in_flight = None;
-        let status = session.response_written().map(|r| r.status.as_u16()).or(ctx.status_override).unwrap_or(0);
-        let listener = if ctx.tls { "https" } else { "http" };
-        let route = ctx.route.as_ref().map_or_else(crate::metrics::none, |r| r.label.clone());
-        let upstream = ctx.cluster.as_ref().map_or_else(crate::metrics::none, |c| c.name.clone());
-        if e.is_some() && ctx.cluster.is_some() && status >= 500 {
-            self.shared.metrics.upstream_failure(&upstream, "proxy");
-        }
-        let m = &self.shared.metrics;
-        m.requests
-            .get_or_create(&RequestLabels {
-                listener,
-                host: ctx.vhost.clone(),
-                route: route.clone(),
-                status,
-                upstream: upstream.clone(),
-            })
-            .inc();
-        let elapsed = ctx.start.elapsed();
-        m.latency.get_or_create(&LatencyLabels { listener, host: ctx.vhost.clone() }).observe(elapsed.as_secs_f64());
-        if self.shared.settings.access_log {
-            let req = session.req_header();
-            tracing::info!(
-                target: "access",
-                client = ?session.client_addr().and_then(|a| a.as_inet()),
-                method = %req.method,
-                authority = authority(req),
-                path = %req.uri.path(),
-                version = ?req.version,
-                status,
-                listener,
-                vhost = %ctx.vhost,
-                route = &*route,
-                upstream = &*upstream,
-                endpoint = ?ctx.tried.last(),
-                attempts = ctx.tried.len(),
-                body_in = session.body_bytes_read(),
-                body_out = session.body_bytes_sent(),
-                duration_us = elapsed.as_micros() as u64,
-                request_id = %ctx.request_id,
-                error = e.map(|e| e.to_string()),
-                "request"
-            );
-        }
-    }
+/// Header names a proxy never forwards as they are (RFC 9110 §7.6.1, plus the h2c upgrade's settings).
+pub fn hop_by_hop(name: &[u8]) -> bool {
+    const HOP: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"http2-settings",
+        b"proxy-authenticate",
+    ];
+    HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+/// Headers we set ourselves on the way upstream (a client's values are replaced), and those we drop from
+/// untrusted clients.
+pub fn forwarding(name: &[u8]) -> bool {
+    const OURS: [&[u8]; 8] = [
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-request-id",
+        b"forwarded",
+        b"x-real-ip",
+        b"true-client-ip",
+    ];
+    OURS.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]
@@ -569,19 +420,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn framing_conflicts_are_found_case_insensitively() {
-        assert!(conflicting_framing(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"));
-        assert!(conflicting_framing(b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\nCONTENT-LENGTH : 3\r\n\r\n"));
-        assert!(!conflicting_framing(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"));
-        assert!(!conflicting_framing(b"POST /content-length:x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"));
+    fn request_ids() {
+        assert_eq!(RequestId::from_client(Some(b"abc-123")).as_str(), "abc-123");
+        assert_eq!(RequestId::from_client(Some(b"")).as_str().len(), 32);
+        assert_eq!(RequestId::from_client(Some(b"has space")).as_str().len(), 32);
+        assert_eq!(RequestId::from_client(Some(&[b'a'; 129])).as_str().len(), 32);
+        let a = RequestId::random();
+        assert!(a.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a.as_str(), RequestId::random().as_str());
     }
 
     #[test]
-    fn request_ids() {
-        assert!(sane_request_id(b"abc-123"));
-        assert!(!sane_request_id(b""));
-        assert!(!sane_request_id(b"has space"));
-        assert!(!sane_request_id(&[b'a'; 129]));
-        assert_eq!(new_request_id().len(), 32);
+    fn cidrs() {
+        let c: Cidr = "10.0.0.0/8".parse().unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()), "IPv4-mapped");
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        let one: Cidr = "192.0.2.7".parse().unwrap();
+        assert!(one.contains("192.0.2.7".parse().unwrap()) && !one.contains("192.0.2.8".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("203.0.113.1".parse().unwrap()));
+        let v6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8::1".parse().unwrap()) && !v6.contains("2001:db9::1".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "x", "10.0.0.0/a", "::/129"] {
+            assert!(bad.parse::<Cidr>().is_err(), "{bad}");
+        }
     }
 }

@@ -1,257 +1,251 @@
-//! Running pingora in a form an app (and a test) can start and stop: our own pingora `Service` that accepts on
-//! sockets bound beforehand (so port 0 works and the bound address is known before anything runs), performs the
-//! TLS handshake with our resolver, and hands each connection to pingora's HTTP proxy; and a
-//! `ShutdownSignalWatch` that fires when the app drains, instead of on process signals.
+//! Workers, listeners and connections.
 //!
-//! Why not pingora's own listeners: they bind inside `Server::run` (the address is not returned), and stop
-//! accepting only after the shutdown signal, when pingora's grace period is a plain sleep. Here the drain is
-//! ours: stop accepting, tell connections to finish (HTTP/1 closes after the response in flight, HTTP/2 sends
-//! GOAWAY), wait until none is open or the deadline passes, and only then let pingora stop its runtimes (grace
-//! period 0). The same per-connection task enforces the header read deadline (slowloris): a connection whose
-//! request headers do not arrive in time is closed.
+//! - **Workers**: `--threads N` runs N OS threads, each a single-threaded Tokio runtime with its own listening
+//!   sockets on every address (`SO_REUSEPORT`, so the kernel spreads new connections over the workers, as
+//!   nginx's `reuseport` does). A connection lives and dies on the worker that accepted it, with its upstream
+//!   connections (the pools are per worker), so nothing on the request path is shared across threads but the
+//!   read-only table and a few counters.
+//! - **Sockets are bound before anything runs** ([`bind`]): port 0 works in tests and the bound address is
+//!   known to the caller.
+//! - **Connections**: TLS is terminated with rustls (our SNI resolver); ALPN `h2` goes to the HTTP/2 path,
+//!   anything else to the HTTP/1 path. On cleartext the first bytes decide: the HTTP/2 preface (prior knowledge,
+//!   h2c) goes to HTTP/2, anything else to HTTP/1; those bytes are handed on, not peeked (no extra syscall).
+//! - **Drain**: `stop_accepting` closes the listeners; `finish` tells connections to end after their request
+//!   in flight (HTTP/1 `Connection: close`; idle keep-alive ones after [`crate::h1::IDLE_GRACE`]; HTTP/2
+//!   GOAWAY); `stop` ends the workers (and whatever is still open) once the app's drain is over.
 
-use std::future::pending;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use pingora_core::apps::{HttpServerApp, ServerApp};
-use pingora_core::listeners::tls::Acceptor;
-use pingora_core::protocols::http::ServerSession;
-use pingora_core::protocols::l4::listener::Listener as L4Listener;
-use pingora_core::protocols::raw_connect::ProxyDigest;
-use pingora_core::protocols::tls::{SslDigest, TlsRef};
-use pingora_core::protocols::{
-    ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream, TimingDigest,
-    UniqueID, UniqueIDType,
-};
-use pingora_core::server::{ListenFds, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
-use pingora_proxy::HttpProxy;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
+use crate::h1::{self, ConnInfo};
 use crate::metrics::HandshakeLabels;
-use crate::proxy::{HeadersRead, Ingress, Shared};
+use crate::proxy::Shared;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// The pingora HTTP proxy running our logic.
-pub type Proxy = HttpProxy<Ingress>;
-
-/// Fires pingora's graceful shutdown when the app says so (after its own drain).
-#[derive(Debug)]
-pub struct AppSignal(pub watch::Receiver<bool>);
-
-#[async_trait]
-impl ShutdownSignalWatch for AppSignal {
-    async fn recv(&self) -> ShutdownSignal {
-        let mut rx = self.0.clone();
-        // A dropped sender means the app is gone: shut down as well.
-        let _ = rx.wait_for(|v| *v).await;
-        ShutdownSignal::GracefulTerminate
+/// Binds `n` listening sockets on `addr` (the first decides the port when it is 0), all with `SO_REUSEPORT`
+/// and `TCP_NODELAY` (inherited by accepted connections: without it a response head and a small body written
+/// apart wait for the client's delayed ACK).
+pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    let mut at = addr;
+    for _ in 0..n.max(1) {
+        let s = socket2::Socket::new(socket2::Domain::for_address(at), socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.set_reuse_port(true)?;
+        s.set_tcp_nodelay(true)?;
+        s.set_nonblocking(true)?;
+        if at.is_ipv6() {
+            s.set_only_v6(true)?;
+        }
+        s.bind(&at.into())?;
+        s.listen(1024)?;
+        let l: std::net::TcpListener = s.into();
+        at = l.local_addr()?;
+        out.push(l);
     }
+    Ok(out)
 }
 
-/// What the accept loops need.
-pub struct Frontend {
-    /// The plain-HTTP sockets (bound, listening).
-    pub http: Vec<std::net::TcpListener>,
-    /// The TLS socket (bound, listening).
-    pub https: Option<std::net::TcpListener>,
-    /// The TLS acceptor (our resolver inside).
-    pub acceptor: Arc<Acceptor>,
-    /// The HTTP proxy.
-    pub proxy: Arc<Proxy>,
-    /// Shared state (settings, metrics, connection count).
-    pub shared: Arc<Shared>,
-    /// Becomes true when the app stops accepting.
+/// The signals of a drain, as the workers see them.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    /// True: close the listeners.
     pub stop_accepting: watch::Receiver<bool>,
-    /// Becomes true when open connections should finish (pingora's per-connection shutdown flag).
-    pub finish: ShutdownWatch,
-    /// Worker threads.
-    pub threads: usize,
+    /// True: connections end after their request in flight.
+    pub finish: watch::Receiver<bool>,
+    /// True: the workers stop (open connections are dropped).
+    pub stop: watch::Receiver<bool>,
 }
 
-impl std::fmt::Debug for Frontend {
+/// One listening socket of a worker.
+pub struct Listener {
+    /// The socket.
+    pub socket: std::net::TcpListener,
+    /// TLS when set.
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Frontend").field("http", &self.http).field("https", &self.https).finish_non_exhaustive()
+        f.debug_struct("Listener").field("socket", &self.socket).field("tls", &self.tls.is_some()).finish()
     }
 }
 
-#[derive(Clone)]
-struct ConnCtx {
-    proxy: Arc<Proxy>,
-    shared: Arc<Shared>,
-    finish: ShutdownWatch,
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").finish_non_exhaustive()
+    }
 }
 
-#[async_trait]
-impl pingora_core::services::Service for Frontend {
-    async fn start_service(&mut self, _fds: Option<ListenFds>, shutdown: ShutdownWatch, _listeners_per_fd: usize) {
-        let ctx = ConnCtx { proxy: self.proxy.clone(), shared: self.shared.clone(), finish: self.finish.clone() };
-        let mut loops = Vec::new();
-        let plain = std::mem::take(&mut self.http).into_iter().map(|l| (l, None));
-        let tls = self.https.take().into_iter().map(|l| (l, Some(self.acceptor.clone())));
-        for (listener, tls) in plain.chain(tls).collect::<Vec<_>>() {
-            let listener =
-                match listener.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(listener)) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        warn!("cannot use a listening socket: {e}");
-                        continue;
+/// A running worker thread.
+pub struct Worker {
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Worker {
+    /// Starts a worker serving `listeners`.
+    pub fn spawn(i: usize, listeners: Vec<Listener>, shared: Arc<Shared>, signals: Signals) -> std::io::Result<Worker> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let thread = std::thread::Builder::new().name(format!("ingress-{i}")).spawn(move || {
+            rt.block_on(async move {
+                for l in listeners {
+                    let port = l.socket.local_addr().map_or(0, |a| a.port());
+                    match tokio::net::TcpListener::from_std(l.socket) {
+                        Ok(sock) => {
+                            tokio::spawn(accept_loop(sock, port, l.tls, shared.clone(), signals.clone()));
+                        }
+                        Err(e) => warn!("cannot use a listening socket: {e}"),
                     }
-                };
-            let (ctx, stop, shutdown) = (ctx.clone(), self.stop_accepting.clone(), shutdown.clone());
-            loops.push(tokio::spawn(accept_loop(listener, tls, ctx, stop, shutdown)));
-        }
-        for l in loops {
-            let _ = l.await;
-        }
+                }
+                let mut stop = signals.stop.clone();
+                let _ = stop.wait_for(|v| *v).await;
+            });
+            // Dropping the runtime ends whatever is still running on it.
+            drop(rt);
+        })?;
+        Ok(Worker { thread })
     }
 
-    fn name(&self) -> &str {
-        "mesh-ingress"
-    }
-
-    fn threads(&self) -> Option<usize> {
-        Some(self.threads.max(1))
+    /// Waits for the thread to end (after `stop`), up to `limit`.
+    pub async fn join(self, limit: Duration) {
+        let t = self.thread;
+        let _ = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || t.join())).await;
     }
 }
 
 async fn accept_loop(
     listener: tokio::net::TcpListener,
-    tls: Option<Arc<Acceptor>>,
-    ctx: ConnCtx,
-    mut stop: watch::Receiver<bool>,
-    mut shutdown: ShutdownWatch,
+    port: u16,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    signals: Signals,
 ) {
-    let listener = L4Listener::from(listener);
+    let mut stop = signals.stop_accepting.clone();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok(stream) => {
-                    tokio::spawn(connection(stream, tls.clone(), ctx.clone()));
+                Ok((stream, peer)) => {
+                    let info = ConnInfo { peer, local_port: port, tls: tls.is_some() };
+                    tokio::spawn(connection(stream, info, tls.clone(), shared.clone(), signals.finish.clone()));
                 }
                 Err(e) => {
                     warn!("accept failed: {e}");
-                    if e.raw_os_error() == Some(24) {
-                        // Out of file descriptors: let open connections end before trying again.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+                    // Out of file descriptors or similar: let open connections end before trying again.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
             _ = async { stop.wait_for(|v| *v).await.is_ok() } => break,
-            _ = async { shutdown.wait_for(|v| *v).await.is_ok() } => break,
         }
     }
     // Dropping the listener closes the socket: new connections are refused from here on.
 }
 
-/// Resolves when `signal` has not fired within `limit`; never otherwise.
-async fn deadline(signal: Arc<HeadersRead>, limit: Duration) {
-    if tokio::time::timeout(limit, signal.0.notified()).await.is_ok() {
-        pending::<()>().await;
+/// Counts a connection in the gauge and the drain's tracker while it lives.
+struct Open<'a> {
+    shared: &'a Shared,
+    _tracked: crate::proxy::Tracked,
+}
+
+impl<'a> Open<'a> {
+    fn new(shared: &'a Arc<Shared>) -> Self {
+        shared.metrics.connections.inc();
+        Open { shared, _tracked: shared.conns.track() }
     }
 }
 
-async fn connection(l4: pingora_core::protocols::l4::stream::Stream, tls: Option<Arc<Acceptor>>, ctx: ConnCtx) {
-    let _tracked = ctx.shared.conns.track();
-    let m = &ctx.shared.metrics;
-    m.connections.inc();
-    let s = &ctx.shared.settings;
-    let mut stream: Stream = match tls {
-        Some(acceptor) => match tokio::time::timeout(s.header_timeout, acceptor.tls_handshake(l4)).await {
-            Ok(Ok(tls)) => {
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.shared.metrics.connections.dec();
+    }
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    info: ConnInfo,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    finish: watch::Receiver<bool>,
+) {
+    let _open = Open::new(&shared);
+    let m = &shared.metrics;
+    let s = &shared.settings;
+    if let Some(acceptor) = tls {
+        let tls = match tokio::time::timeout(s.header_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(t)) => {
                 m.handshakes.get_or_create(&HandshakeLabels { result: "ok" }).inc();
-                Box::new(tls)
+                t
             }
             Ok(Err(e)) => {
                 m.handshakes.get_or_create(&HandshakeLabels { result: "error" }).inc();
                 debug!("TLS handshake failed: {e}");
-                m.connections.dec();
                 return;
             }
             Err(_) => {
                 m.handshakes.get_or_create(&HandshakeLabels { result: "error" }).inc();
                 debug!("TLS handshake timed out");
-                m.connections.dec();
                 return;
             }
-        },
-        None => Box::new(l4),
-    };
-    let h2 = match stream.selected_alpn_proto() {
-        Some(ALPN::H2) => true,
-        _ if stream.get_ssl_digest().is_some() => false,
-        _ => {
-            let mut buf = [0u8; H2_PREFACE.len()];
-            match tokio::time::timeout(s.header_timeout, stream.try_peek(&mut buf)).await {
-                Ok(Ok(true)) => buf == H2_PREFACE,
-                Ok(Ok(false)) => false,
-                Ok(Err(_)) | Err(_) => {
-                    m.connections.dec();
-                    return;
-                }
-            }
+        };
+        if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+            crate::h2::serve(tls, info, shared.clone(), finish).await;
+        } else {
+            h1::serve(tls, BytesMut::new(), info, shared.clone(), finish).await;
         }
-    };
-    if h2 {
-        // pingora's HTTP/2 server: SETTINGS, streams, GOAWAY when `finish` turns true.
-        let _ = ServerApp::process_new(&ctx.proxy, stream, &ctx.finish).await;
-        m.connections.dec();
         return;
     }
-    let mut session = ServerSession::new_http1(Box::new(Buffered(BufWriter::with_capacity(WRITE_BUFFER, stream))));
-    session.set_keepalive(if *ctx.finish.borrow() { None } else { Some(s.keepalive_s) });
-    let mut limit = s.header_timeout;
+    // Cleartext: the first bytes tell HTTP/2 prior knowledge from HTTP/1.
+    let mut first = BytesMut::with_capacity(16 * 1024);
+    let deadline = tokio::time::Instant::now() + s.header_timeout;
     loop {
-        let signal = Arc::new(HeadersRead::default());
-        session.set_connection_user_context(Some(Box::new(signal.clone())));
-        let served = tokio::select! {
-            r = ctx.proxy.process_new_http(session, &ctx.finish) => r,
-            () = deadline(signal, limit) => {
-                debug!(?limit, "request headers not received in time; closing the connection");
-                None
-            }
-        };
-        let Some((stream, persist)) = served.map(|r| r.consume()) else { break };
-        session = ServerSession::new_http1(stream);
-        if let Some(p) = persist {
-            p.apply_to_session(&mut session);
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
         }
-        if *ctx.finish.borrow() {
-            session.set_keepalive(None);
+        let n = first.len().min(H2_PREFACE.len());
+        if first[..n] != H2_PREFACE[..n] || first.len() >= H2_PREFACE.len() {
+            break;
         }
-        // An idle keep-alive connection may wait up to the keep-alive timeout, then must send its headers quickly.
-        limit = Duration::from_secs(s.keepalive_s) + s.header_timeout;
     }
-    m.connections.dec();
+    if first.starts_with(H2_PREFACE) {
+        crate::h2::serve(Prefixed { head: first, io: stream }, info, shared.clone(), finish).await;
+    } else {
+        h1::serve(stream, first, info, shared.clone(), finish).await;
+    }
 }
 
-/// The write buffer of an HTTP/1 client connection.
-const WRITE_BUFFER: usize = 4096;
-
-/// An HTTP/1 client connection with a write buffer, as pingora's own listeners give theirs (their
-/// `set_buffer` is not public, and our accept loop is our own). pingora writes a response head as soon as it has
-/// it and relies on the buffer to send it with the body: unbuffered, every response costs one more `send(2)`
-/// (measured: 3 per proxied request instead of 2). pingora flushes where a client must see bytes at once (1xx,
-/// responses without `Content-Length`, streamed body chunks, the end of each response), so nothing waits here.
-/// HTTP/2 connections are not wrapped: h2 buffers its frames itself.
+/// A stream whose first bytes were already read: they are read again first.
 #[derive(Debug)]
-struct Buffered(BufWriter<Stream>);
+pub struct Prefixed<S> {
+    head: BytesMut,
+    io: S,
+}
 
-impl AsyncRead for Buffered {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        if !self.head.is_empty() {
+            let n = self.head.len().min(buf.remaining());
+            buf.put_slice(&self.head[..n]);
+            self.head.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Buffered {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -259,93 +253,18 @@ impl AsyncWrite for Buffered {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
-}
-
-#[async_trait]
-impl Shutdown for Buffered {
-    async fn shutdown(&mut self) {
-        // What is buffered goes out first.
-        let _ = AsyncWriteExt::flush(&mut self.0).await;
-        Shutdown::shutdown(&mut **self.0.get_mut()).await;
-    }
-}
-
-impl UniqueID for Buffered {
-    fn id(&self) -> UniqueIDType {
-        self.0.get_ref().id()
-    }
-}
-
-impl Ssl for Buffered {
-    fn get_ssl(&self) -> Option<&TlsRef> {
-        self.0.get_ref().get_ssl()
-    }
-
-    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
-        self.0.get_ref().get_ssl_digest()
-    }
-
-    fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.0.get_ref().selected_alpn_proto()
-    }
-}
-
-impl GetTimingDigest for Buffered {
-    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.0.get_ref().get_timing_digest()
-    }
-
-    fn get_read_pending_time(&self) -> Duration {
-        self.0.get_ref().get_read_pending_time()
-    }
-
-    fn get_write_pending_time(&self) -> Duration {
-        self.0.get_ref().get_write_pending_time()
-    }
-}
-
-impl GetProxyDigest for Buffered {
-    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.0.get_ref().get_proxy_digest()
-    }
-
-    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.0.get_mut().set_proxy_digest(digest);
-    }
-}
-
-impl GetSocketDigest for Buffered {
-    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.0.get_ref().get_socket_digest()
-    }
-
-    fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.0.get_mut().set_socket_digest(digest);
-    }
-}
-
-#[async_trait]
-impl Peek for Buffered {
-    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        self.0.get_mut().try_peek(buf).await
-    }
-}
-
-/// Makes pingora's keep-alive readers give up at once (the drain's "finish now" for idle connections).
-pub async fn wake_idle(proxy: &Arc<Proxy>) {
-    HttpServerApp::http_cleanup(&**proxy).await;
 }

@@ -1,0 +1,165 @@
+//! Upstream connections kept for reuse, one pool per worker thread: each worker is a single-threaded runtime,
+//! so a pool is a thread-local map that no other thread touches (no lock, no atomic), and a connection is only
+//! ever driven by the task that checked it out.
+//!
+//! - [`checkout`]/[`checkin`]: raw TCP connections for the HTTP/1 path. Last in, first out (the warmest
+//!   connection, and the rest age out). At checkout a connection is dropped when it has idled past its limit,
+//!   or when it has become readable (the upstream closed it, or sent bytes nobody asked for); that check reads
+//!   the readiness tokio already tracks and makes a syscall only when the socket is marked readable.
+//! - [`h1_sender`]/[`h2_sender`]: hyper client connections for the HTTP/2 path (HTTP/1.1 upstream for web
+//!   requests, HTTP/2 for gRPC); their connection tasks run on the same worker.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+/// Idle connections kept per endpoint per worker (more are closed when they come back).
+pub const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+/// The request body type of the HTTP/2 path's upstream requests.
+pub type UpBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+struct Idle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+thread_local! {
+    static IDLE: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static H1: RefCell<HashMap<SocketAddr, Vec<http1::SendRequest<UpBody>>>> = RefCell::new(HashMap::new());
+    static H2: RefCell<HashMap<SocketAddr, http2::SendRequest<UpBody>>> = RefCell::new(HashMap::new());
+}
+
+/// Whether an idle connection is still usable: not readable (nothing arrived, no FIN).
+fn usable(s: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match s.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        // Marked readable: maybe stale readiness from the last response; ask the socket.
+        Poll::Ready(Ok(())) => {
+            let mut b = [0u8; 1];
+            matches!(s.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+/// An idle connection to `addr` that is still usable, if this worker has one.
+pub fn checkout(addr: SocketAddr, max_idle: Duration) -> Option<TcpStream> {
+    IDLE.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.get_mut(&addr)?;
+        while let Some(c) = list.pop() {
+            if c.since.elapsed() < max_idle && usable(&c.stream) {
+                return Some(c.stream);
+            }
+        }
+        None
+    })
+}
+
+/// Keeps a connection whose last exchange ended cleanly for the next request to `addr`.
+pub fn checkin(addr: SocketAddr, stream: TcpStream) {
+    IDLE.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(Idle { stream, since: Instant::now() });
+        }
+    });
+}
+
+/// Idle connections this worker holds to `addr` (for tests and the config dump).
+pub fn idle(addr: SocketAddr) -> usize {
+    IDLE.with(|p| p.borrow().get(&addr).map_or(0, Vec::len))
+}
+
+/// Why an upstream connection for the HTTP/2 path could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// Connecting failed or timed out.
+    #[error("connect to {addr}: {reason}")]
+    Connect {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The HTTP handshake failed.
+    #[error("handshake with {addr}: {source}")]
+    Handshake {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// Why.
+        source: hyper::Error,
+    },
+}
+
+/// Connects with a deadline, `TCP_NODELAY` set.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, PoolError> {
+    let s = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(PoolError::Connect { addr, reason: e.to_string() }),
+        Err(_) => return Err(PoolError::Connect { addr, reason: format!("timed out after {timeout:?}") }),
+    };
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+/// An HTTP/1.1 client connection to `addr` that is ready for a request: a pooled one, or a new one. The bool
+/// says whether it is new (a connect happened).
+pub async fn h1_sender(addr: SocketAddr, timeout: Duration) -> Result<(http1::SendRequest<UpBody>, bool), PoolError> {
+    let pooled = H1.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.get_mut(&addr)?;
+        list.retain(|s| !s.is_closed());
+        let i = list.iter().position(http1::SendRequest::is_ready)?;
+        Some(list.swap_remove(i))
+    });
+    if let Some(s) = pooled {
+        return Ok((s, false));
+    }
+    let io = connect(addr, timeout).await?;
+    let (sender, conn) =
+        http1::handshake(TokioIo::new(io)).await.map_err(|source| PoolError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((sender, true))
+}
+
+/// Returns an HTTP/1.1 sender after its request went out; it is used again once its response has been read.
+pub fn h1_return(addr: SocketAddr, sender: http1::SendRequest<UpBody>) {
+    H1.with(|p| {
+        let mut p = p.borrow_mut();
+        let list = p.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push(sender);
+        }
+    });
+}
+
+/// The shared HTTP/2 (h2c) connection to `addr`, made on first use. The bool says whether it is new.
+pub async fn h2_sender(addr: SocketAddr, timeout: Duration) -> Result<(http2::SendRequest<UpBody>, bool), PoolError> {
+    let pooled = H2.with(|p| p.borrow().get(&addr).filter(|s| !s.is_closed()).cloned());
+    if let Some(s) = pooled {
+        return Ok((s, false));
+    }
+    let io = connect(addr, timeout).await?;
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+        .await
+        .map_err(|source| PoolError::Handshake { addr, source })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    H2.with(|p| p.borrow_mut().insert(addr, sender.clone()));
+    Ok((sender, true))
+}
