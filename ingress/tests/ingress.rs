@@ -331,10 +331,13 @@ async fn forwarded_headers_request_id_and_hop_by_hop() {
     app.drain(WAIT).await;
 }
 
-/// A loopback address where nothing listens.
-async fn dead_addr() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+/// A loopback address where nothing listens, and nothing else can listen while the returned socket lives: it
+/// is bound but not listening (a port bound and released could be taken by another test's backend meanwhile).
+fn dead_addr() -> (socket2::Socket, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    (s, addr)
 }
 
 fn counter(metrics: &str, prefix: &str) -> u64 {
@@ -344,7 +347,7 @@ fn counter(metrics: &str, prefix: &str) -> u64 {
 #[tokio::test]
 async fn retry_on_connect_failure_then_ejection() {
     let live = Backend::start("live").await;
-    let dead = dead_addr().await;
+    let (_hold, dead) = dead_addr();
     let mut snap = Snap::default().cluster("ns/mixed/80", &[dead, live.addr]).cluster("ns/dead/80", &[dead]);
     snap.vhosts = vec![vhost("h", vec![prefix("/dead", to("ns/dead/80")), prefix("/", to("ns/mixed/80"))])];
     let (app, _dir) = ingress(&snap).await;
