@@ -92,6 +92,13 @@ impl Handler for XdsHandler {
 /// Loads a snapshot file (`meshctl snapshot --role ingress`, role `ingress/{class}` or plain `ingress`) into the
 /// shared table; a file written for another IngressClass is refused.
 pub fn load_file(path: &Path, class: &str, shared: &Shared) -> Result<(), ConfigError> {
+    let loaded = read_file(path, class, shared);
+    // Reading JSON needed the Envoy descriptor pool (~8 MiB); the ingress never needs it again.
+    mesh_runtime::memory::release_after_load();
+    loaded
+}
+
+fn read_file(path: &Path, class: &str, shared: &Shared) -> Result<(), ConfigError> {
     let shown = path.display().to_string();
     let (role, mut by_type) =
         snapshot_file::read(path).map_err(|source| ConfigError::File { path: shown.clone(), source })?;

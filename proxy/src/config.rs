@@ -136,8 +136,7 @@ impl Handler for XdsHandler {
 pub fn load_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
     let loaded = read_file(path, shared);
     // Reading JSON needed the Envoy descriptor pool (~8 MiB); the proxy never needs it again.
-    xds_proto::codec::release_pool();
-    trim_heap();
+    mesh_runtime::memory::release_after_load();
     loaded
 }
 
@@ -161,19 +160,3 @@ fn read_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
     shared.metrics.config_updates.inc();
     Ok(())
 }
-
-/// Hands freed heap pages back to the OS. glibc keeps what `free` returns in its arenas (only the top of the
-/// heap shrinks by itself), so the ~8 MiB of small blocks the descriptor pool held would otherwise stay in the
-/// proxy's resident set for its whole life.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn trim_heap() {
-    // SAFETY: malloc_trim takes no pointers and only walks glibc's own arenas, under their locks; it may be
-    // called at any time from any thread.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn trim_heap() {}

@@ -11,6 +11,7 @@
 //! callbacks, and `/logging` on the [`telemetry::ReloadHandle`].
 
 pub mod admin;
+pub mod memory;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
