@@ -43,11 +43,11 @@ use crate::upstream::{Cluster, InFlight};
 pub const IDLE_GRACE: Duration = Duration::from_secs(1);
 
 /// The most header lines parsed in a request or response.
-const HEADER_SLOTS: usize = 128;
+pub(crate) const HEADER_SLOTS: usize = 128;
 /// The largest upstream response head.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Read size.
-const READ_CHUNK: usize = 16 * 1024;
+pub(crate) const READ_CHUNK: usize = 16 * 1024;
 
 /// Who the client is and where it connected.
 #[derive(Debug, Clone)]
@@ -62,7 +62,7 @@ pub struct ConnInfo {
 
 /// How a message body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     None,
     Length(u64),
     Chunked,
@@ -580,7 +580,7 @@ fn prepare(buf: &[u8], c: &Who, s: &Settings, table: &crate::table::Table, out: 
     })
 }
 
-fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+pub(crate) fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -589,12 +589,12 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 
 /// What an upstream response head says.
 #[derive(Debug)]
-struct ResponseHead {
-    head_len: usize,
-    status: u16,
-    framing: Framing,
+pub(crate) struct ResponseHead {
+    pub(crate) head_len: usize,
+    pub(crate) status: u16,
+    pub(crate) framing: Framing,
     /// The upstream connection can carry another request after this response.
-    reusable: bool,
+    pub(crate) reusable: bool,
 }
 
 /// Why a proxied exchange failed before the client got a response.
@@ -965,7 +965,7 @@ impl Conn {
         let mut got_any = false;
         loop {
             if !self.ubuf.is_empty() {
-                match parse_response(&self.ubuf, p) {
+                match parse_response(&self.ubuf, p.head) {
                     Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
                         self.ubuf.advance(h.head_len);
                         continue;
@@ -1093,8 +1093,8 @@ impl Conn {
     }
 }
 
-/// Parses a response head: `Ok(None)` while incomplete.
-fn parse_response(buf: &[u8], p: &Prepared) -> Result<Option<ResponseHead>, ()> {
+/// Parses a response head: `Ok(None)` while incomplete. `head`: the request was HEAD (no body follows).
+pub(crate) fn parse_response(buf: &[u8], head: bool) -> Result<Option<ResponseHead>, ()> {
     let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
     let mut r = httparse::Response::new(&mut slots);
     let head_len = match r.parse(buf) {
@@ -1128,7 +1128,7 @@ fn parse_response(buf: &[u8], p: &Prepared) -> Result<Option<ResponseHead>, ()> 
             }
         }
     }
-    let framing = if p.head || (100..200).contains(&status) || status == 204 || status == 304 {
+    let framing = if head || (100..200).contains(&status) || status == 204 || status == 304 {
         Framing::None
     } else if te {
         if te_chunked { Framing::Chunked } else { Framing::Close }

@@ -28,6 +28,8 @@ use crate::pool::{self, UpBody};
 use crate::proxy::{self, Done, Outcome, RequestId, Routed, SERVER, Shared};
 use crate::upstream::InFlight;
 
+mod lean;
+
 /// The response body type.
 pub type RespBody = UpBody;
 
@@ -166,102 +168,101 @@ async fn handle(req: Request<Incoming>, info: &ConnInfo, shared: &Shared) -> Res
     let mut req = Some(Request::from_parts(parts, body));
 
     let mut tried: Vec<SocketAddr> = Vec::new();
-    loop {
-        let Some(ep) = cluster.pick(&tried) else {
-            if tried.is_empty() {
-                shared.metrics.upstream_failure(&cluster.name, "no_endpoint");
-                record(Some(&routed), 503, None, 0, Some("no endpoint"));
-                return full(
-                    503,
-                    Bytes::from_static(b"503 no endpoint is available for this backend\n"),
-                    Some(&request_id),
-                    None,
-                );
-            }
-            break;
-        };
+    while let Some(ep) = cluster.pick(&tried) {
         let addr = ep.addr;
         tried.push(addr);
-        let flight = InFlight::new(&ep.stats);
-        let sent = if grpc {
-            match pool::h2_sender(addr, s.connect_timeout).await {
-                Ok((mut tx, new)) => {
-                    if new {
-                        ep.stats.connected();
-                    }
-                    let Some(r) = req.take() else { break };
-                    Some(tokio::time::timeout(s.upstream_timeout, tx.send_request(r)).await)
-                }
-                Err(e) => {
-                    tracing::debug!(cluster = %cluster.name, "{e}");
-                    None
-                }
-            }
+        let Some(r) = req.take() else { break };
+        let outcome = if grpc {
+            grpc_exchange(r, addr, &ep.stats, s).await
         } else {
-            match pool::h1_sender(addr, s.connect_timeout).await {
-                Ok((mut tx, new)) => {
-                    if new {
-                        ep.stats.connected();
-                    }
-                    let Some(r) = req.take() else { break };
-                    let out = tokio::time::timeout(s.upstream_timeout, tx.send_request(r)).await;
-                    pool::h1_return(addr, tx);
-                    Some(out)
-                }
-                Err(e) => {
-                    tracing::debug!(cluster = %cluster.name, "{e}");
-                    None
-                }
-            }
+            lean::exchange(r, addr, &authority, &ep.stats, s).await
         };
-        let Some(result) = sent else {
-            shared.metrics.upstream_failure(&cluster.name, "connect");
-            if ep.stats.connect_failed() {
-                shared.metrics.upstream_failure(&cluster.name, "ejected");
-                tracing::warn!(cluster = %cluster.name, endpoint = %addr, "endpoint ejected after repeated connect failures");
-            }
-            if tried.len() < s.connect_attempts {
-                continue;
-            }
-            break;
-        };
-        return match result {
-            Ok(Ok(resp)) => {
-                let (mut rp, rbody) = resp.into_parts();
+        match outcome {
+            Ok(resp) => {
+                let (mut rp, body) = resp.into_parts();
                 response_headers(&mut rp.headers, &request_id);
                 rp.version = Version::HTTP_2;
-                let status = rp.status.as_u16();
-                record(Some(&routed), status, Some(addr), tried.len(), None);
-                // The endpoint counts the request in flight until the body is done.
-                let body = rbody
-                    .map_frame(move |f| {
-                        let _ = &flight;
-                        f
-                    })
-                    .map_err(Into::into)
-                    .boxed_unsync();
-                Response::from_parts(rp, body)
+                record(Some(&routed), rp.status.as_u16(), Some(addr), tried.len(), None);
+                return Response::from_parts(rp, body);
             }
-            Ok(Err(e)) => {
-                let (status, why) = if e.is_user() || source_is_limit(&e) {
-                    (413, "request body too large")
-                } else {
+            Err(Failed::Connect(e, back)) => {
+                tracing::debug!(cluster = %cluster.name, "{e}");
+                shared.metrics.upstream_failure(&cluster.name, "connect");
+                if ep.stats.connect_failed() {
+                    shared.metrics.upstream_failure(&cluster.name, "ejected");
+                    tracing::warn!(cluster = %cluster.name, endpoint = %addr, "endpoint ejected after repeated connect failures");
+                }
+                if tried.len() >= s.connect_attempts {
+                    break;
+                }
+                req = Some(*back);
+            }
+            Err(Failed::Other(status, why)) => {
+                if status >= 500 {
                     shared.metrics.upstream_failure(&cluster.name, "proxy");
-                    (502, "the upstream failed before answering")
-                };
-                tracing::debug!(cluster = %cluster.name, endpoint = %addr, "upstream request failed: {e}");
+                }
+                tracing::debug!(cluster = %cluster.name, endpoint = %addr, status, "upstream exchange failed: {why}");
                 record(Some(&routed), status, Some(addr), tried.len(), Some(why));
-                full(status, Bytes::from(format!("{status} {why}\n")), Some(&request_id), None)
+                return full(status, Bytes::from(format!("{status} {why}\n")), Some(&request_id), None);
             }
-            Err(_) => {
-                shared.metrics.upstream_failure(&cluster.name, "proxy");
-                record(Some(&routed), 504, Some(addr), tried.len(), Some("upstream timeout"));
-                full(504, Bytes::from_static(b"504 the upstream did not answer in time\n"), Some(&request_id), None)
-            }
-        };
+        }
+    }
+    if tried.is_empty() {
+        shared.metrics.upstream_failure(&cluster.name, "no_endpoint");
+        record(Some(&routed), 503, None, 0, Some("no endpoint"));
+        return full(
+            503,
+            Bytes::from_static(b"503 no endpoint is available for this backend\n"),
+            Some(&request_id),
+            None,
+        );
     }
     record(Some(&routed), 502, tried.last().copied(), tried.len(), Some("connect failed"));
     full(502, Bytes::from_static(b"502 no endpoint accepted the connection\n"), Some(&request_id), None)
+}
+
+/// Why an upstream exchange failed.
+pub(crate) enum Failed {
+    /// Connecting failed: nothing was sent; the request comes back for another endpoint.
+    Connect(String, Box<Request<UpBody>>),
+    /// Failed after sending: answered with this status.
+    Other(u16, &'static str),
+}
+
+/// A gRPC call over the worker's shared h2c connection to `addr`.
+async fn grpc_exchange(
+    req: Request<UpBody>,
+    addr: SocketAddr,
+    stats: &Arc<crate::upstream::EndpointStats>,
+    s: &crate::proxy::Settings,
+) -> Result<Response<RespBody>, Failed> {
+    let mut tx = match pool::h2_sender(addr, s.connect_timeout).await {
+        Ok((tx, new)) => {
+            if new {
+                stats.connected();
+            }
+            tx
+        }
+        Err(e) => return Err(Failed::Connect(e.to_string(), Box::new(req))),
+    };
+    let flight = InFlight::new(stats);
+    match tokio::time::timeout(s.upstream_timeout, tx.send_request(req)).await {
+        Ok(Ok(resp)) => {
+            let (rp, rbody) = resp.into_parts();
+            // The endpoint counts the call in flight until its body (and trailers) are done.
+            let body = rbody
+                .map_frame(move |f| {
+                    let _ = &flight;
+                    f
+                })
+                .map_err(Into::into)
+                .boxed_unsync();
+            Ok(Response::from_parts(rp, body))
+        }
+        Ok(Err(e)) if e.is_user() || source_is_limit(&e) => Err(Failed::Other(413, "request body too large")),
+        Ok(Err(_)) => Err(Failed::Other(502, "the upstream failed before answering")),
+        Err(_) => Err(Failed::Other(504, "the upstream did not answer in time")),
+    }
 }
 
 fn source_is_limit(e: &hyper::Error) -> bool {

@@ -6,8 +6,8 @@
 //!   connection, and the rest age out). At checkout a connection is dropped when it has idled past its limit,
 //!   or when it has become readable (the upstream closed it, or sent bytes nobody asked for); that check reads
 //!   the readiness tokio already tracks and makes a syscall only when the socket is marked readable.
-//! - [`h1_sender`]/[`h2_sender`]: hyper client connections for the HTTP/2 path (HTTP/1.1 upstream for web
-//!   requests, HTTP/2 for gRPC); their connection tasks run on the same worker.
+//! - [`h2_sender`]: one shared hyper HTTP/2 client connection per endpoint for gRPC calls; its connection task
+//!   runs on the same worker. (Web requests from HTTP/2 clients use the raw pool too: `h2::lean`.)
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
@@ -34,7 +34,6 @@ struct Idle {
 
 thread_local! {
     static IDLE: RefCell<HashMap<SocketAddr, Vec<Idle>>> = RefCell::new(HashMap::new());
-    static H1: RefCell<HashMap<SocketAddr, Vec<http1::SendRequest<UpBody>>>> = RefCell::new(HashMap::new());
     static H2: RefCell<HashMap<SocketAddr, http2::SendRequest<UpBody>>> = RefCell::new(HashMap::new());
 }
 
@@ -112,39 +111,6 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, P
     };
     let _ = s.set_nodelay(true);
     Ok(s)
-}
-
-/// An HTTP/1.1 client connection to `addr` that is ready for a request: a pooled one, or a new one. The bool
-/// says whether it is new (a connect happened).
-pub async fn h1_sender(addr: SocketAddr, timeout: Duration) -> Result<(http1::SendRequest<UpBody>, bool), PoolError> {
-    let pooled = H1.with(|p| {
-        let mut p = p.borrow_mut();
-        let list = p.get_mut(&addr)?;
-        list.retain(|s| !s.is_closed());
-        let i = list.iter().position(http1::SendRequest::is_ready)?;
-        Some(list.swap_remove(i))
-    });
-    if let Some(s) = pooled {
-        return Ok((s, false));
-    }
-    let io = connect(addr, timeout).await?;
-    let (sender, conn) =
-        http1::handshake(TokioIo::new(io)).await.map_err(|source| PoolError::Handshake { addr, source })?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok((sender, true))
-}
-
-/// Returns an HTTP/1.1 sender after its request went out; it is used again once its response has been read.
-pub fn h1_return(addr: SocketAddr, sender: http1::SendRequest<UpBody>) {
-    H1.with(|p| {
-        let mut p = p.borrow_mut();
-        let list = p.entry(addr).or_default();
-        if list.len() < MAX_IDLE_PER_ENDPOINT {
-            list.push(sender);
-        }
-    });
 }
 
 /// The shared HTTP/2 (h2c) connection to `addr`, made on first use. The bool says whether it is new.

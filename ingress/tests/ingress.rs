@@ -222,6 +222,44 @@ async fn http2_over_tls_and_h2c_prior_knowledge() {
     let req = Request::get("http://a.example.com/h2c").body(Full::new(Bytes::new())).unwrap();
     let resp = tx.send_request(req).await.unwrap();
     assert_eq!((resp.version(), resp.status().as_u16()), (http::Version::HTTP_2, 200));
+
+    // Request bodies over HTTP/2 reach the HTTP/1.1 upstream: with a length, and streamed without one (sent on
+    // chunked); a response larger than one read streams back whole; the upstream connection is reused after.
+    let big = "x".repeat(200_000);
+    let req = Request::post("http://a.example.com/up").body(Full::new(Bytes::from(big.clone()))).unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["body"].as_str().map(str::len), Some(200_000));
+    assert_eq!(body["headers"]["content-length"][0], "200000");
+    let chunks = futures::stream::iter(
+        ["ab", "cd", "ef"]
+            .map(|c| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from_static(c.as_bytes())))),
+    );
+    let req = Request::post("http://a.example.com/up")
+        .body(http_body_util::BodyExt::boxed(http_body_util::StreamBody::new(chunks)))
+        .unwrap();
+    let s = TcpStream::connect(app.http_addr).await.unwrap();
+    let (mut tx2, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = tx2.send_request(req).await.unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(body["body"], "abcdef");
+    assert_eq!(body["headers"]["transfer-encoding"][0], "chunked");
+    let before = a.conns.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let req = Request::get("http://a.example.com/again").body(Full::new(Bytes::new())).unwrap();
+        assert_eq!(tx.send_request(req).await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        a.conns.load(Ordering::SeqCst),
+        before,
+        "sequential HTTP/2 requests reuse the pooled upstream connection"
+    );
     app.drain(WAIT).await;
 }
 
