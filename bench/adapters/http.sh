@@ -10,10 +10,14 @@
 # cleartext HTTP/2 (prior knowledge; the same port accepts it too) on $LISTEN_PORT_H2 through
 # --extra-http-addr. The TLS port is bound on a free loopback port and unused.
 #
+# With TLS_CERT and TLS_KEY set (bench/tls.sh does), the Ingress also gets a `tls` entry without hosts naming
+# a kubernetes.io/tls Secret made of them (the default certificate), and $LISTEN_PORT serves HTTPS instead;
+# plain HTTP then goes to a free loopback port.
+#
 # Binaries: $MESH_BIN_DIR if set, else <repo>/target/release (or $CARGO_TARGET_DIR/release).
 # Build them first:  cargo build --release -p mesh-ingress -p mesh-control --bins
-# WORKERS (the peers' worker count, 1 by default) becomes mesh-ingress's --threads (pingora worker threads),
-# so it is compared per worker like the peers. Extra flags go in MESH_INGRESS_ARGS (e.g. '--access-log').
+# WORKERS (the peers' worker count, 1 by default) becomes mesh-ingress's --threads (worker threads, each a
+# single-threaded runtime with its own SO_REUSEPORT listeners), so it is compared per worker like the peers. Extra flags go in MESH_INGRESS_ARGS (e.g. '--access-log').
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -29,6 +33,22 @@ done
 
 dir=$RUNDIR/mesh-http
 mkdir -p "$dir/manifests"
+tls_entry=""
+if [[ -n ${TLS_CERT:-} && -n ${TLS_KEY:-} ]]; then
+  tls_entry="  tls:
+    - secretName: bench-tls"
+  cat > "$dir/manifests/secret.yaml" <<YAML
+apiVersion: v1
+kind: Secret
+metadata:
+  name: bench-tls
+  namespace: bench
+type: kubernetes.io/tls
+data:
+  tls.crt: $(base64 -w0 < "$TLS_CERT")
+  tls.key: $(base64 -w0 < "$TLS_KEY")
+YAML
+fi
 cat > "$dir/manifests/bench.yaml" <<YAML
 apiVersion: networking.k8s.io/v1
 kind: IngressClass
@@ -78,6 +98,7 @@ metadata:
   namespace: bench
 spec:
   ingressClassName: mesh
+$tls_entry
   rules:
     - http:
         paths:
@@ -91,8 +112,12 @@ spec:
 YAML
 "$bin/meshctl" --log warn snapshot --manifests "$dir/manifests" --role ingress --ingress-class mesh > "$dir/snapshot.json"
 extra=()
-[[ -n ${LISTEN_PORT_H2:-} ]] && extra=(--extra-http-addr "$LISTEN_HOST:$LISTEN_PORT_H2")
+if [[ -n $tls_entry ]]; then
+  addrs=(--http-addr "$LISTEN_HOST:0" --https-addr "$LISTEN_HOST:$LISTEN_PORT")
+else
+  addrs=(--http-addr "$LISTEN_HOST:$LISTEN_PORT" --https-addr "$LISTEN_HOST:0")
+  [[ -n ${LISTEN_PORT_H2:-} ]] && extra=(--extra-http-addr "$LISTEN_HOST:$LISTEN_PORT_H2")
+fi
 # shellcheck disable=SC2086
-exec "$bin/mesh-ingress" --snapshot "$dir/snapshot.json" --node bench --log warn \
-  --http-addr "$LISTEN_HOST:$LISTEN_PORT" --https-addr "$LISTEN_HOST:0" --admin-addr 127.0.0.1:0 \
-  --threads "${WORKERS:-1}" "${extra[@]}" ${MESH_INGRESS_ARGS:-}
+exec "$bin/mesh-ingress" --snapshot "$dir/snapshot.json" --node bench --log warn "${addrs[@]}" \
+  --admin-addr 127.0.0.1:0 --threads "${WORKERS:-1}" "${extra[@]}" ${MESH_INGRESS_ARGS:-}

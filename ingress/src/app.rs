@@ -86,6 +86,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     /// Worker threads (each a single-threaded runtime with its own listening sockets).
     pub threads: usize,
+    /// TLS sessions kept for resumption (0: none, every handshake is full).
+    pub tls_session_cache: usize,
     /// Data-path settings.
     pub settings: Settings,
     /// The log filter `/logging` changes.
@@ -105,6 +107,7 @@ impl Config {
             extra_http_addrs: Vec::new(),
             admin_addr: any,
             threads: 1,
+            tls_session_cache: 4096,
             settings: Settings::default(),
             logging: None,
         }
@@ -295,7 +298,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         }
     };
 
-    let tls = crate::tls::server_config(shared.resolver.clone())?;
+    let tls = crate::tls::server_config(shared.resolver.clone(), cfg.tls_session_cache)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let (stop_accepting, stop_accepting_rx) = watch::channel(false);
     let (finish, finish_rx) = watch::channel(false);

@@ -45,6 +45,9 @@ struct Args {
     /// Worker threads: each a single-threaded runtime with its own listening sockets (SO_REUSEPORT).
     #[arg(long, env = "MESH_THREADS", default_value_t = std::thread::available_parallelism().map_or(1, |n| n.get()))]
     threads: usize,
+    /// TLS sessions kept for resumption (server-side cache; 0: no resumption, every handshake is full).
+    #[arg(long, env = "MESH_TLS_SESSION_CACHE", default_value_t = 4096)]
+    tls_session_cache: usize,
     /// How long one upstream connect attempt may take, in milliseconds.
     #[arg(long, env = "MESH_CONNECT_TIMEOUT_MS", default_value_t = 5000)]
     connect_timeout_ms: u64,
@@ -120,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         extra_http_addrs: args.extra_http_addr,
         admin_addr: args.admin_addr,
         threads: args.threads.max(1),
+        tls_session_cache: args.tls_session_cache,
         settings: Settings {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             connect_attempts: args.connect_attempts.max(1),

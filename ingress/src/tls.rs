@@ -200,13 +200,21 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// The rustls server configuration of the TLS port: TLS 1.2 + 1.3, ring, ALPN h2 then http/1.1, certificates
-/// from `resolver`.
-pub fn server_config(resolver: Arc<SniResolver>) -> Result<rustls::ServerConfig, rustls::Error> {
+/// from `resolver`. Sessions: a server-side cache of `session_cache` entries per process (stateful resumption,
+/// as nginx's `ssl_session_cache`; TLS 1.3 tickets then only name a cache entry, so no ticket key has to be
+/// shared or rotated); 0 turns resumption off (every handshake is a full one).
+pub fn server_config(resolver: Arc<SniResolver>, session_cache: usize) -> Result<rustls::ServerConfig, rustls::Error> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if session_cache == 0 {
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+    } else {
+        cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(session_cache);
+    }
     Ok(cfg)
 }
 
