@@ -51,6 +51,11 @@ struct Args {
     /// Port of the ingress/https Listener.
     #[arg(long, env = "MESH_INGRESS_HTTPS_PORT", default_value_t = 443)]
     ingress_https_port: u16,
+    /// Redirect plain HTTP to HTTPS (308) for hosts that have TLS, unless an Ingress or its IngressClass says
+    /// otherwise (annotation `mesh.dev/ssl-redirect`). Off by default: plain HTTP is served, as the Ingress API
+    /// conformance tests expect.
+    #[arg(long, env = "MESH_SSL_REDIRECT")]
+    ssl_redirect: bool,
     /// Where to serve xDS (ADS over gRPC).
     #[arg(long, env = "MESH_XDS_ADDR", default_value = "0.0.0.0:18000")]
     xds_addr: std::net::SocketAddr,
@@ -104,7 +109,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let cfg = app::Config {
         source,
-        translate: Options { ingress_http_port: args.ingress_http_port, ingress_https_port: args.ingress_https_port },
+        translate: Options {
+            ingress_http_port: args.ingress_http_port,
+            ingress_https_port: args.ingress_https_port,
+            ssl_redirect: args.ssl_redirect,
+        },
         xds_addr: args.xds_addr,
         xds: mesh_control::xds::XdsConfig {
             debounce: Duration::from_millis(args.push_debounce_ms),

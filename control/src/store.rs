@@ -223,6 +223,11 @@ impl Store {
     pub fn node(&self, name: &str) -> Option<&Arc<Node>> {
         self.nodes.get(name)
     }
+
+    /// Every Node, by name.
+    pub fn nodes(&self) -> impl Iterator<Item = (&String, &Arc<Node>)> {
+        self.nodes.iter()
+    }
 }
 
 #[cfg(test)]

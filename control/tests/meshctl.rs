@@ -109,3 +109,62 @@ fn routes_from_a_running_control_plane_match_the_offline_table() {
     assert!(err.contains("127.0.0.1:1"), "{err}");
     rt.block_on(app.stop());
 }
+
+#[test]
+fn problems_from_a_running_control_plane_match_the_offline_ones() {
+    // The example plus objects that cannot be translated (a missing backend, a bad path, a Service port clash).
+    let dir = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(shop()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("broken.yaml"),
+        r#"apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: broken, namespace: shop, creationTimestamp: "2030-01-01T00:00:00Z"}
+spec:
+  ingressClassName: mesh
+  rules:
+  - host: broken.example.com
+    http:
+      paths:
+      - {path: /, pathType: Prefix, backend: {service: {name: nowhere, port: {number: 80}}}}
+      - {path: relative, pathType: Prefix, backend: {service: {name: web, port: {name: http}}}}
+"#,
+    )
+    .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let app = rt
+        .block_on(mesh_control::app::build(mesh_control::app::Config {
+            source: mesh_control::app::SourceConfig::Manifests {
+                dir: dir.path().to_owned(),
+                debounce: std::time::Duration::from_millis(20),
+            },
+            translate: Options::default(),
+            xds_addr: "127.0.0.1:0".parse().unwrap(),
+            xds: Default::default(),
+            admin_addr: "127.0.0.1:0".parse().unwrap(),
+            logging: None,
+        }))
+        .unwrap();
+    let control = format!("http://{}", app.xds_addr);
+    let (ok, offline, err) = meshctl(&["routes", "--manifests", dir.path().to_str().unwrap(), "-o", "json"]);
+    assert!(ok, "{err}");
+    let offline: serde_json::Value = serde_json::from_str(&offline).unwrap();
+    let problems = offline["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems.iter().any(|p| p.as_str().unwrap().contains("nowhere")), "{problems:?}");
+    let (ok, live, err) = meshctl(&["routes", "--control", &control, "-o", "json"]);
+    assert!(ok, "{err}");
+    let live: serde_json::Value = serde_json::from_str(&live).unwrap();
+    assert_eq!(live["problems"], offline["problems"]);
+    // The table shows them the same way too.
+    let (ok, text, err) = meshctl(&["routes", "--control", &control]);
+    assert!(ok, "{err}");
+    let (_, offline_text, _) = meshctl(&["routes", "--manifests", dir.path().to_str().unwrap()]);
+    let tail = |t: &str| t[t.find("PROBLEMS").unwrap()..].to_owned();
+    assert_eq!(tail(&text), tail(&offline_text));
+    assert!(tail(&text).contains("Ingress shop/broken"), "{text}");
+    rt.block_on(app.stop());
+}

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion};
-use mesh_proxy::balance::{self, Algorithm, Locality};
+use mesh_proxy::balance::{self, Algorithm, Here};
 use mesh_proxy::table::{Cluster, Endpoint, Health, Placement};
 use xds_proto::types::ResourceType;
 
@@ -40,7 +40,7 @@ fn cluster(n: usize, affinity: Option<Duration>) -> Cluster {
     Cluster {
         name: "ns-00/svc-00000/http".into(),
         affinity,
-        prefer_close: false,
+        distribution: Default::default(),
         endpoints: endpoints.into(),
         affinity_map: Arc::default(),
         rr: Arc::default(),
@@ -48,7 +48,7 @@ fn cluster(n: usize, affinity: Option<Duration>) -> Cluster {
 }
 
 fn bench_choose(c: &mut Criterion) {
-    let here = Locality { node: "node-0001".into(), zone: Some("zone-1".into()) };
+    let here = Here { node: "node-0001", zone: Some("zone-1") };
     let mut g = c.benchmark_group("balance");
     for n in [10usize, 1000] {
         let cl = cluster(n, None);
@@ -57,7 +57,7 @@ fn bench_choose(c: &mut Criterion) {
             b.iter(|| {
                 client = client.wrapping_add(1);
                 let ip = IpAddr::V4(Ipv4Addr::from(0x0a80_0000 | (client & 0xffff)));
-                let cands = balance::candidates(black_box(&cl), false, &here);
+                let cands = balance::candidates(black_box(&cl), false, here);
                 let e = balance::choose(&cl, &cands, ip, &[], Algorithm::LeastConnections).unwrap();
                 black_box(e.addr)
             })
@@ -70,7 +70,7 @@ fn bench_choose(c: &mut Criterion) {
             client = client.wrapping_add(1);
             // 1,024 distinct clients: mostly returning ones, as behind a busy Service.
             let ip = IpAddr::V4(Ipv4Addr::from(0x0a80_0000 | (client & 0x3ff)));
-            let cands = balance::candidates(black_box(&cl), false, &here);
+            let cands = balance::candidates(black_box(&cl), false, here);
             let e = balance::choose(&cl, &cands, ip, &[], Algorithm::LeastConnections).unwrap();
             black_box(e.addr)
         })

@@ -55,7 +55,7 @@ pub struct Config {
     pub source: Source,
     /// This node's name (Local traffic policies; `node.id` over xDS).
     pub node: String,
-    /// This node's zone (topology-aware routing).
+    /// This node's zone (topology-aware routing), overriding the one mesh-control sends from the Node.
     pub zone: Option<String>,
     /// Where to serve the admin endpoints (loopback).
     pub admin_addr: SocketAddr,
@@ -134,7 +134,7 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
         .clusters
         .values()
         .map(|c| {
-            json!({"name": c.name, "affinitySeconds": c.affinity.map(|d| d.as_secs()), "preferClose": c.prefer_close,
+            json!({"name": c.name, "affinitySeconds": c.affinity.map(|d| d.as_secs()), "distribution": format!("{:?}", c.distribution),
                 "endpoints": c.endpoints.iter().map(|e| json!({"address": e.addr.to_string(), "health": format!("{:?}", e.health),
                     "node": &*e.place.node, "zone": &*e.place.zone, "active": e.stats.active.load(std::sync::atomic::Ordering::Relaxed),
                     "ejected": e.stats.ejected(now)})).collect::<Vec<_>>()})
@@ -143,7 +143,8 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
     clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     let versions: serde_json::Map<String, serde_json::Value> =
         t.versions.iter().map(|(k, v)| (k.short().to_owned(), json!(v))).collect();
-    json!({"node": shared.here.node, "zone": shared.here.zone, "versions": versions, "listeners": listeners,
+    let zone_source = if shared.here.zone.is_some() { "--zone" } else { "Node label via mesh-control" };
+    json!({"node": shared.here.node, "zone": shared.here.at(&t).zone, "zoneSource": zone_source, "versions": versions, "listeners": listeners,
         "clusters": clusters, "openConnections": shared.conns.open()})
 }
 

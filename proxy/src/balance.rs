@@ -2,8 +2,11 @@
 //!
 //! 1. Traffic policy `Local` keeps only this node's endpoints.
 //! 2. Ready endpoints; only if none is ready, terminating-but-serving ones (KEP-1669); never not-ready ones.
-//! 3. Topology: with `trafficDistribution: PreferClose`, or when every candidate carries zone hints, prefer the
-//!    endpoints meant for this node's zone (hints) or in it (no hints), if there are any.
+//! 3. Topology (not for `Local` policies, which take precedence): when every candidate carries node hints
+//!    (`hints.forNodes`), prefer those meant for this node; else, when every candidate carries zone hints, those
+//!    meant for this node's zone. Without hints, `trafficDistribution: PreferSameNode` prefers this node's
+//!    endpoints, then its zone's; `PreferSameZone` (or `PreferClose`) this zone's. If no endpoint is preferred,
+//!    all stay. The zone is the Node's `topology.kubernetes.io/zone` as mesh-control sends it, or `--zone`.
 //! 4. Endpoints ejected after repeated connect failures are skipped, unless that would leave nothing.
 //! 5. `sessionAffinity: ClientIP` returns a client to its endpoint while it stays a candidate and the timeout has
 //!    not passed since its last use.
@@ -14,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::table::{Cluster, Endpoint, EndpointStats, Health, now_ms};
+use crate::table::{Cluster, Distribution, Endpoint, EndpointStats, Health, Table, now_ms};
 
 /// How to pick among equal candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,36 +40,81 @@ pub const EJECT_FOR: Duration = Duration::from_secs(10);
 pub struct Locality {
     /// This node's name.
     pub node: String,
-    /// This node's zone, if known.
+    /// This node's zone when given on the command line (`--zone`): it overrides the zone mesh-control sends
+    /// from the Node's `topology.kubernetes.io/zone` label.
     pub zone: Option<String>,
 }
 
+impl Locality {
+    /// Where this proxy is under `table`: the `--zone` override, else the zone its Node has in the table.
+    pub fn at<'a>(&'a self, table: &'a Table) -> Here<'a> {
+        let zone = self.zone.as_deref().or_else(|| table.node_zone(&self.node)).filter(|z| !z.is_empty());
+        Here { node: &self.node, zone }
+    }
+}
+
+/// This proxy's node and zone at one moment (the zone follows the Node's label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Here<'a> {
+    /// This node's name.
+    pub node: &'a str,
+    /// This node's zone, if known.
+    pub zone: Option<&'a str>,
+}
+
 /// The endpoints a connection may go to, best tier only (see the module docs, steps 1–4).
-pub fn candidates<'a>(cluster: &'a Cluster, local_only: bool, here: &Locality) -> Vec<&'a Endpoint> {
+pub fn candidates<'a>(cluster: &'a Cluster, local_only: bool, here: Here<'_>) -> Vec<&'a Endpoint> {
     let eligible = |e: &&Endpoint| !local_only || *e.place.node == *here.node;
     let mut tier: Vec<&Endpoint> =
         cluster.endpoints.iter().filter(eligible).filter(|e| e.health == Health::Ready).collect();
     if tier.is_empty() {
         tier = cluster.endpoints.iter().filter(eligible).filter(|e| e.health == Health::Terminating).collect();
     }
-    if let Some(zone) = &here.zone {
-        let hinted = !tier.is_empty() && tier.iter().all(|e| !e.place.for_zones.is_empty());
-        if hinted || cluster.prefer_close {
-            let close: Vec<&Endpoint> = if hinted {
-                tier.iter().copied().filter(|e| e.place.for_zones.iter().any(|z| **z == **zone)).collect()
-            } else {
-                tier.iter().copied().filter(|e| *e.place.zone == **zone).collect()
-            };
-            if !close.is_empty() {
-                tier = close;
-            }
-        }
+    // A Local traffic policy takes precedence over topology: its endpoints are all this node's already, and
+    // hints (meant for the cluster-wide set) must not drop any of them.
+    if !local_only {
+        tier = topology(tier, cluster.distribution, here);
     }
     let now = now_ms();
     if tier.iter().any(|e| !e.stats.ejected(now)) {
         tier.retain(|e| !e.stats.ejected(now));
     }
     tier
+}
+
+/// Narrows `tier` to the endpoints topology prefers for this node, as kube-proxy does (KEP-2433, KEP-3015):
+/// node hints when every endpoint has them and some are for this node; else zone hints when every endpoint has
+/// them and some are for this zone. Without hints, `trafficDistribution` decides: `PreferSameNode` prefers this
+/// node's endpoints, then (like `PreferSameZone`/`PreferClose`) those in this zone. A preference that no
+/// endpoint meets leaves the tier as it was.
+fn topology<'a>(tier: Vec<&'a Endpoint>, distribution: Distribution, here: Here<'_>) -> Vec<&'a Endpoint> {
+    if tier.is_empty() {
+        return tier;
+    }
+    let narrowed = |keep: &dyn Fn(&Endpoint) -> bool| -> Option<Vec<&'a Endpoint>> {
+        let v: Vec<&'a Endpoint> = tier.iter().copied().filter(|e| keep(e)).collect();
+        (!v.is_empty()).then_some(v)
+    };
+    let node_hinted = tier.iter().all(|e| !e.place.for_nodes.is_empty());
+    if node_hinted {
+        if let Some(v) = narrowed(&|e| e.place.for_nodes.iter().any(|n| **n == *here.node)) {
+            return v;
+        }
+    } else if distribution == Distribution::SameNode
+        && let Some(v) = narrowed(&|e| *e.place.node == *here.node)
+    {
+        return v;
+    }
+    let Some(zone) = here.zone else { return tier };
+    let zone_hinted = tier.iter().all(|e| !e.place.for_zones.is_empty());
+    let close = if zone_hinted {
+        narrowed(&|e| e.place.for_zones.iter().any(|z| **z == *zone))
+    } else if distribution != Distribution::Any {
+        narrowed(&|e| *e.place.zone == *zone)
+    } else {
+        None
+    };
+    close.unwrap_or(tier)
 }
 
 /// Picks an endpoint for a client among `candidates`, skipping those in `tried` (a retry after a failed
@@ -164,6 +212,7 @@ pub fn succeeded(stats: &EndpointStats) {
 mod tests {
     use super::*;
     use crate::table::Endpoint;
+    use xds_proto::types::ResourceType;
 
     fn ep(addr: &str, health: Health, node: &str, zone: &str, hints: &[&str]) -> Endpoint {
         Endpoint {
@@ -178,7 +227,7 @@ mod tests {
         Cluster {
             name: "ns/s/80".into(),
             affinity: None,
-            prefer_close: false,
+            distribution: Distribution::Any,
             endpoints: eps.into(),
             affinity_map: Arc::default(),
             rr: Arc::default(),
@@ -189,8 +238,17 @@ mod tests {
         v.iter().map(|e| e.addr.to_string()).collect()
     }
 
-    fn here(node: &str, zone: Option<&str>) -> Locality {
-        Locality { node: node.into(), zone: zone.map(Into::into) }
+    fn here<'a>(node: &'a str, zone: Option<&'a str>) -> Here<'a> {
+        Here { node, zone }
+    }
+
+    fn node_ep(addr: &str, node: &str, zone: &str, for_zones: &[&str], for_nodes: &[&str]) -> Endpoint {
+        Endpoint {
+            addr: addr.parse().unwrap(),
+            health: Health::Ready,
+            place: crate::table::Placement::interned_with_nodes(node, zone, for_zones, for_nodes),
+            stats: Arc::default(),
+        }
     }
 
     #[test]
@@ -200,14 +258,14 @@ mod tests {
             ep("10.0.0.2:80", Health::Terminating, "n1", "", &[]),
             ep("10.0.0.3:80", Health::NotReady, "n1", "", &[]),
         ]);
-        assert_eq!(addrs(&candidates(&c, false, &here("n1", None))), ["10.0.0.1:80"]);
+        assert_eq!(addrs(&candidates(&c, false, here("n1", None))), ["10.0.0.1:80"]);
         let c = cluster(vec![
             ep("10.0.0.2:80", Health::Terminating, "n1", "", &[]),
             ep("10.0.0.3:80", Health::NotReady, "n1", "", &[]),
         ]);
-        assert_eq!(addrs(&candidates(&c, false, &here("n1", None))), ["10.0.0.2:80"]);
+        assert_eq!(addrs(&candidates(&c, false, here("n1", None))), ["10.0.0.2:80"]);
         let c = cluster(vec![ep("10.0.0.3:80", Health::NotReady, "n1", "", &[])]);
-        assert!(candidates(&c, false, &here("n1", None)).is_empty());
+        assert!(candidates(&c, false, here("n1", None)).is_empty());
     }
 
     #[test]
@@ -216,9 +274,9 @@ mod tests {
             ep("10.0.0.1:80", Health::Ready, "n1", "", &[]),
             ep("10.0.0.2:80", Health::Ready, "n2", "", &[]),
         ]);
-        assert_eq!(addrs(&candidates(&c, true, &here("n2", None))), ["10.0.0.2:80"]);
-        assert!(candidates(&c, true, &here("n3", None)).is_empty(), "Local with no local endpoint: nothing");
-        assert_eq!(candidates(&c, false, &here("n3", None)).len(), 2);
+        assert_eq!(addrs(&candidates(&c, true, here("n2", None))), ["10.0.0.2:80"]);
+        assert!(candidates(&c, true, here("n3", None)).is_empty(), "Local with no local endpoint: nothing");
+        assert_eq!(candidates(&c, false, here("n3", None)).len(), 2);
     }
 
     #[test]
@@ -227,21 +285,121 @@ mod tests {
             ep("10.0.0.1:80", Health::Ready, "n1", "a", &["a"]),
             ep("10.0.0.2:80", Health::Ready, "n2", "b", &["b"]),
         ]);
-        assert_eq!(addrs(&candidates(&hinted, false, &here("n9", Some("b")))), ["10.0.0.2:80"]);
+        assert_eq!(addrs(&candidates(&hinted, false, here("n9", Some("b")))), ["10.0.0.2:80"]);
         // A zone no endpoint is meant for falls back to all.
-        assert_eq!(candidates(&hinted, false, &here("n9", Some("c"))).len(), 2);
+        assert_eq!(candidates(&hinted, false, here("n9", Some("c"))).len(), 2);
         // Hints only count when every endpoint has them.
         let partial = cluster(vec![
             ep("10.0.0.1:80", Health::Ready, "n1", "a", &["a"]),
             ep("10.0.0.2:80", Health::Ready, "n2", "b", &[]),
         ]);
-        assert_eq!(candidates(&partial, false, &here("n9", Some("a"))).len(), 2);
+        assert_eq!(candidates(&partial, false, here("n9", Some("a"))).len(), 2);
         let mut close = cluster(vec![
             ep("10.0.0.1:80", Health::Ready, "n1", "a", &[]),
             ep("10.0.0.2:80", Health::Ready, "n2", "b", &[]),
         ]);
-        close.prefer_close = true;
-        assert_eq!(addrs(&candidates(&close, false, &here("n9", Some("a")))), ["10.0.0.1:80"]);
+        close.distribution = Distribution::SameZone;
+        assert_eq!(addrs(&candidates(&close, false, here("n9", Some("a")))), ["10.0.0.1:80"]);
+    }
+
+    #[test]
+    fn the_zone_is_the_nodes_unless_overridden() {
+        use xds_proto::endpoint::{ClusterLoadAssignment, LocalityLbEndpoints};
+        let cla = |node: &str, zone: &str| ClusterLoadAssignment {
+            cluster_name: xds_proto::names::node_locality(node),
+            endpoints: vec![LocalityLbEndpoints {
+                locality: Some(xds_proto::core::Locality {
+                    zone: zone.into(),
+                    sub_zone: node.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let apply = |t: &Table, node: &str, zone: &str| {
+            let body = prost::Message::encode_to_vec(&cla(node, zone));
+            let name = xds_proto::names::node_locality(node);
+            t.apply(ResourceType::ClusterLoadAssignment, |_| Some(&body[..]), std::slice::from_ref(&name), &[], "v")
+                .unwrap()
+        };
+        let learned = Locality { node: "n1".into(), zone: None };
+        let pinned = Locality { node: "n1".into(), zone: Some("z9".into()) };
+        let t = Table::default();
+        assert_eq!(learned.at(&t).zone, None);
+        let t = apply(&t, "n1", "z1");
+        assert_eq!(learned.at(&t), Here { node: "n1", zone: Some("z1") });
+        assert_eq!(pinned.at(&t).zone, Some("z9"), "--zone overrides the Node's label");
+        let t = apply(&t, "n2", "z2");
+        assert_eq!(learned.at(&t).zone, Some("z1"), "another node's locality is not ours");
+        let t = apply(&t, "n1", "z3");
+        assert_eq!(learned.at(&t).zone, Some("z3"), "a changed label is followed");
+        assert!(t.clusters.is_empty(), "a node locality is not a Service's endpoints");
+        assert!(t.names(ResourceType::ClusterLoadAssignment).contains(&xds_proto::names::node_locality("n1")));
+        let name = xds_proto::names::node_locality("n1");
+        let t = t.apply(ResourceType::ClusterLoadAssignment, |_| None, &[], &[name], "v2").unwrap();
+        assert_eq!(learned.at(&t).zone, None, "a removed label: no zone");
+    }
+
+    #[test]
+    fn prefer_same_zone_is_prefer_close() {
+        assert_eq!(Distribution::parse(Some("PreferSameZone")), Distribution::SameZone);
+        assert_eq!(Distribution::parse(Some("PreferClose")), Distribution::SameZone);
+        assert_eq!(Distribution::parse(Some("PreferSameNode")), Distribution::SameNode);
+        assert_eq!(Distribution::parse(Some("Nearby")), Distribution::Any);
+        assert_eq!(Distribution::parse(None), Distribution::Any);
+    }
+
+    #[test]
+    fn node_hints_and_prefer_same_node() {
+        // Every endpoint hinted for nodes (and zones, as the EndpointSlice controller does for PreferSameNode).
+        let hinted = cluster(vec![
+            node_ep("10.0.0.1:80", "n1", "a", &["a"], &["n1"]),
+            node_ep("10.0.0.2:80", "n2", "a", &["a"], &["n2"]),
+            node_ep("10.0.0.3:80", "n3", "b", &["b"], &["n3"]),
+        ]);
+        assert_eq!(addrs(&candidates(&hinted, false, here("n2", Some("a")))), ["10.0.0.2:80"]);
+        // No endpoint for this node: zone hints, as for zones.
+        assert_eq!(addrs(&candidates(&hinted, false, here("n4", Some("b")))), ["10.0.0.3:80"]);
+        // Neither: all.
+        assert_eq!(candidates(&hinted, false, here("n4", Some("c"))).len(), 3);
+        assert_eq!(candidates(&hinted, false, here("n4", None)).len(), 3);
+        // Node hints count only when every endpoint has them: then zone hints decide.
+        let partial = cluster(vec![
+            node_ep("10.0.0.1:80", "n1", "a", &["a"], &["n1"]),
+            node_ep("10.0.0.2:80", "n2", "a", &["a"], &[]),
+            node_ep("10.0.0.3:80", "n3", "b", &["b"], &["n3"]),
+        ]);
+        assert_eq!(addrs(&candidates(&partial, false, here("n1", Some("a")))), ["10.0.0.1:80", "10.0.0.2:80"]);
+
+        // PreferSameNode without hints: this node's endpoints, else this zone's, else all.
+        let mut same_node = cluster(vec![
+            node_ep("10.0.0.1:80", "n1", "a", &[], &[]),
+            node_ep("10.0.0.2:80", "n2", "a", &[], &[]),
+            node_ep("10.0.0.3:80", "n3", "b", &[], &[]),
+        ]);
+        assert_eq!(candidates(&same_node, false, here("n1", Some("a"))).len(), 3, "no distribution: all");
+        same_node.distribution = Distribution::SameNode;
+        assert_eq!(addrs(&candidates(&same_node, false, here("n1", Some("a")))), ["10.0.0.1:80"]);
+        assert_eq!(addrs(&candidates(&same_node, false, here("n4", Some("b")))), ["10.0.0.3:80"]);
+        assert_eq!(candidates(&same_node, false, here("n4", Some("c"))).len(), 3);
+    }
+
+    #[test]
+    fn local_policy_takes_precedence_over_hints() {
+        // Both endpoints on n1, but the hints send them elsewhere: Local keeps both.
+        let c = cluster(vec![
+            node_ep("10.0.0.1:80", "n1", "a", &["b"], &["n2"]),
+            node_ep("10.0.0.2:80", "n1", "a", &["a"], &["n1"]),
+            node_ep("10.0.0.3:80", "n2", "b", &["b"], &["n2"]),
+        ]);
+        assert_eq!(addrs(&candidates(&c, true, here("n1", Some("a")))), ["10.0.0.1:80", "10.0.0.2:80"]);
+        let zoned = cluster(vec![
+            node_ep("10.0.0.1:80", "n1", "a", &["b"], &[]),
+            node_ep("10.0.0.2:80", "n1", "a", &["a"], &[]),
+        ]);
+        assert_eq!(candidates(&zoned, true, here("n1", Some("a"))).len(), 2, "zone hints do not narrow Local");
+        assert_eq!(addrs(&candidates(&zoned, false, here("n1", Some("a")))), ["10.0.0.2:80"]);
     }
 
     #[test]
@@ -253,11 +411,11 @@ mod tests {
         let e1 = &c.endpoints[0];
         assert!(!failed(&e1.stats) && !failed(&e1.stats));
         assert!(failed(&e1.stats), "the third failure in a row ejects");
-        assert_eq!(addrs(&candidates(&c, false, &here("n1", None))), ["10.0.0.2:80"]);
+        assert_eq!(addrs(&candidates(&c, false, here("n1", None))), ["10.0.0.2:80"]);
         for _ in 0..EJECT_AFTER_FAILURES {
             failed(&c.endpoints[1].stats);
         }
-        assert_eq!(candidates(&c, false, &here("n1", None)).len(), 2, "all ejected: try them all rather than none");
+        assert_eq!(candidates(&c, false, here("n1", None)).len(), 2, "all ejected: try them all rather than none");
     }
 
     #[test]
@@ -267,7 +425,7 @@ mod tests {
             ep("10.0.0.2:80", Health::Ready, "n1", "", &[]),
         ]);
         let _busy: Vec<Active> = (0..5).map(|_| Active::new(&c.endpoints[0].stats)).collect();
-        let cands = candidates(&c, false, &here("n1", None));
+        let cands = candidates(&c, false, here("n1", None));
         for _ in 0..50 {
             let e = choose(&c, &cands, "10.1.0.1".parse().unwrap(), &[], Algorithm::LeastConnections).unwrap();
             assert_eq!(e.addr.to_string(), "10.0.0.2:80");
@@ -280,7 +438,7 @@ mod tests {
             ep("10.0.0.1:80", Health::Ready, "n1", "", &[]),
             ep("10.0.0.2:80", Health::Ready, "n1", "", &[]),
         ]);
-        let cands = candidates(&c, false, &here("n1", None));
+        let cands = candidates(&c, false, here("n1", None));
         let ip: IpAddr = "10.1.0.1".parse().unwrap();
         let picks: Vec<String> =
             (0..4).map(|_| choose(&c, &cands, ip, &[], Algorithm::RoundRobin).unwrap().addr.to_string()).collect();
@@ -296,7 +454,7 @@ mod tests {
     fn session_affinity_sticks_until_timeout_or_endpoint_gone() {
         let mut c = cluster((1..=8).map(|i| ep(&format!("10.0.0.{i}:80"), Health::Ready, "n1", "", &[])).collect());
         c.affinity = Some(Duration::from_millis(50));
-        let cands = candidates(&c, false, &here("n1", None));
+        let cands = candidates(&c, false, here("n1", None));
         let ip: IpAddr = "10.1.0.7".parse().unwrap();
         let first = choose(&c, &cands, ip, &[], Algorithm::RoundRobin).unwrap().addr;
         for _ in 0..20 {

@@ -32,7 +32,8 @@ struct Args {
     /// This node's name (Local traffic policies); NODE_NAME from the downward API in a DaemonSet.
     #[arg(long, env = "NODE_NAME")]
     node: String,
-    /// This node's zone, for topology-aware routing (PreferClose, zone hints).
+    /// This node's zone, for topology-aware routing. Normally learned from the Node's `topology.kubernetes.io/zone`
+    /// label through mesh-control (and followed as it changes); this overrides it.
     #[arg(long, env = "MESH_ZONE")]
     zone: Option<String>,
     /// Where to serve the admin endpoints (/ready, /metrics, /config_dump, /logging).

@@ -18,6 +18,7 @@ use xds_proto::core::{HealthStatus, address, socket_address};
 use xds_proto::endpoint::{ClusterLoadAssignment, lb_endpoint};
 use xds_proto::listener::{Listener as XdsListener, filter, listener_filter};
 use xds_proto::meta;
+use xds_proto::names;
 use xds_proto::types::ResourceType;
 
 /// Why a resource was rejected.
@@ -140,6 +141,8 @@ pub struct Placement {
     pub zone: Arc<str>,
     /// Topology hints: the zones that should use it.
     pub for_zones: Box<[Arc<str>]>,
+    /// Topology hints: the nodes that should use it (`trafficDistribution: PreferSameNode`).
+    pub for_nodes: Box<[Arc<str>]>,
 }
 
 /// Distinct placements, shared (see [`Placement::interned`]).
@@ -149,16 +152,32 @@ impl Placement {
     /// The shared placement for `node`, `zone` and the hinted zones `for_zones`. Placements no table uses any
     /// more are dropped by a sweep, as names are (see [`intern`]).
     pub fn interned<S: AsRef<str>>(node: &str, zone: &str, for_zones: &[S]) -> Arc<Placement> {
+        Self::interned_with_nodes::<S, &str>(node, zone, for_zones, &[])
+    }
+
+    /// [`Placement::interned`] with node hints too.
+    pub fn interned_with_nodes<S: AsRef<str>, N: AsRef<str>>(
+        node: &str,
+        zone: &str,
+        for_zones: &[S],
+        for_nodes: &[N],
+    ) -> Arc<Placement> {
         let p = Placement {
             node: intern(node),
             zone: intern(zone),
             for_zones: for_zones.iter().map(|z| intern(z.as_ref())).collect(),
+            for_nodes: for_nodes.iter().map(|n| intern(n.as_ref())).collect(),
         };
         PLACES.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&p, || Arc::new(p.clone_parts()))
     }
 
     fn clone_parts(&self) -> Placement {
-        Placement { node: self.node.clone(), zone: self.zone.clone(), for_zones: self.for_zones.clone() }
+        Placement {
+            node: self.node.clone(),
+            zone: self.zone.clone(),
+            for_zones: self.for_zones.clone(),
+            for_nodes: self.for_nodes.clone(),
+        }
     }
 }
 
@@ -172,8 +191,8 @@ pub struct Cluster {
     pub name: String,
     /// `sessionAffinity: ClientIP` timeout.
     pub affinity: Option<Duration>,
-    /// `trafficDistribution: PreferClose`.
-    pub prefer_close: bool,
+    /// `trafficDistribution`: which endpoints to prefer when there are no topology hints.
+    pub distribution: Distribution,
     /// The endpoints, sorted by address.
     pub endpoints: Arc<[Endpoint]>,
     /// Session affinity entries, carried across table versions.
@@ -197,14 +216,40 @@ pub struct Table {
     pub clusters: imbl::HashMap<String, Arc<Cluster>>,
     /// Assignments whose Cluster has not arrived (or was removed while they stayed): merged when it comes.
     pending: imbl::OrdMap<String, Arc<[Endpoint]>>,
+    /// Node name → its zone, from the `node/{node}` assignments (`xds_proto::names::node_locality`): mesh-control
+    /// sends this proxy its own Node's, and follows the label.
+    nodes: imbl::OrdMap<String, Arc<str>>,
     /// The accepted version of each resource type.
     pub versions: BTreeMap<ResourceType, String>,
+}
+
+/// A Service's `trafficDistribution`, as the proxy acts on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Distribution {
+    /// Unset (or a value this proxy does not know): topology only from hints.
+    #[default]
+    Any,
+    /// `PreferSameZone`, or its older name `PreferClose`: endpoints in this node's zone first.
+    SameZone,
+    /// `PreferSameNode`: endpoints on this node first, then in its zone.
+    SameNode,
+}
+
+impl Distribution {
+    /// From the Service's `trafficDistribution` value.
+    pub fn parse(value: Option<&str>) -> Self {
+        match value {
+            Some("PreferClose" | "PreferSameZone") => Distribution::SameZone,
+            Some("PreferSameNode") => Distribution::SameNode,
+            _ => Distribution::Any,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ClusterSettings {
     affinity: Option<Duration>,
-    prefer_close: bool,
+    distribution: Distribution,
 }
 
 fn unusable(kind: ResourceType, name: &str, reason: impl Into<String>) -> TableError {
@@ -315,12 +360,12 @@ fn cluster_settings(name: &str, body: &[u8]) -> Result<ClusterSettings, TableErr
     let affinity = meta::get_num(md, meta::AFFINITY_TIMEOUT_SECONDS)
         .filter(|t| t.is_finite() && *t > 0.0)
         .map(|t| Duration::from_secs(t.min(86_400.0) as u64));
+    let distribution = Distribution::parse(meta::get_str(md, meta::TRAFFIC_DISTRIBUTION));
     if affinity.is_none() && c.lb_policy == LbPolicy::RingHash as i32 {
         // Envoy's RING_HASH without our timeout: Kubernetes' default affinity timeout.
-        return Ok(ClusterSettings { affinity: Some(Duration::from_secs(10_800)), prefer_close: false });
+        return Ok(ClusterSettings { affinity: Some(Duration::from_secs(10_800)), distribution });
     }
-    let prefer_close = meta::get_str(md, meta::TRAFFIC_DISTRIBUTION) == Some("PreferClose");
-    Ok(ClusterSettings { affinity, prefer_close })
+    Ok(ClusterSettings { affinity, distribution })
 }
 
 /// Node and zone names, stored once each: 100,000 endpoints run on a few hundred nodes in a handful of zones,
@@ -382,7 +427,12 @@ fn assignment(name: &str, body: &[u8], old: Option<&[Endpoint]>) -> Result<Arc<[
             out.push(Endpoint {
                 addr,
                 health,
-                place: Placement::interned(node, zone, &meta::get_list(e.metadata.as_ref(), meta::FOR_ZONES)),
+                place: Placement::interned_with_nodes(
+                    node,
+                    zone,
+                    &meta::get_list(e.metadata.as_ref(), meta::FOR_ZONES),
+                    &meta::get_list(e.metadata.as_ref(), meta::FOR_NODES),
+                ),
                 stats: previous.get(&addr).map(|s| Arc::clone(s)).unwrap_or_default(),
             });
         }
@@ -392,7 +442,24 @@ fn assignment(name: &str, body: &[u8], old: Option<&[Endpoint]>) -> Result<Arc<[
     Ok(out.into())
 }
 
+/// Reads a node's zone from its `node/{node}` assignment.
+fn node_zone(name: &str, body: &[u8]) -> Result<Arc<str>, TableError> {
+    let k = ResourceType::ClusterLoadAssignment;
+    let cla = ClusterLoadAssignment::decode(body).map_err(|e| TableError::Decode {
+        kind: k,
+        name: name.into(),
+        reason: e.to_string(),
+    })?;
+    let zone = cla.endpoints.first().and_then(|l| l.locality.as_ref()).map_or("", |l| l.zone.as_str());
+    Ok(intern(zone))
+}
+
 impl Table {
+    /// The zone of `node` as mesh-control last sent it (its Node's `topology.kubernetes.io/zone`), if any.
+    pub fn node_zone(&self, node: &str) -> Option<&str> {
+        self.nodes.get(node).map(|z| &**z).filter(|z| !z.is_empty())
+    }
+
     /// The table after one type's state changed. `resources` looks a resource of that type up by name (the
     /// type's full state); `changed` and `removed` say what moved, and only those are converted. Fails, naming
     /// the resource, if any changed resource is unusable: the caller keeps the previous table.
@@ -441,12 +508,12 @@ impl Table {
                     let s = cluster_settings(name, body)?;
                     let c = match next.clusters.get(name) {
                         Some(old) => {
-                            Cluster { affinity: s.affinity, prefer_close: s.prefer_close, ..Cluster::clone(old) }
+                            Cluster { affinity: s.affinity, distribution: s.distribution, ..Cluster::clone(old) }
                         }
                         None => Cluster {
                             name: name.clone(),
                             affinity: s.affinity,
-                            prefer_close: s.prefer_close,
+                            distribution: s.distribution,
                             endpoints: next.pending.remove(name).unwrap_or_else(|| Arc::from(Vec::new())),
                             affinity_map: Arc::default(),
                             rr: Arc::default(),
@@ -457,11 +524,19 @@ impl Table {
             }
             ResourceType::ClusterLoadAssignment => {
                 for name in removed {
+                    if let Some(node) = names::node_of_locality(name) {
+                        next.nodes.remove(node);
+                        continue;
+                    }
                     next.pending.remove(name);
                     next.set_endpoints(name, Arc::from(Vec::new()));
                 }
                 for name in changed {
                     let Some(body) = resources(name) else { continue };
+                    if let Some(node) = names::node_of_locality(name) {
+                        next.nodes.insert(node.to_owned(), node_zone(name, body)?);
+                        continue;
+                    }
                     let old =
                         self.clusters.get(name).map(|c| &*c.endpoints).or_else(|| self.pending.get(name).map(|e| &**e));
                     let eps = assignment(name, body, old)?;
@@ -490,6 +565,7 @@ impl Table {
                 .map(|(n, _)| n)
                 .chain(self.pending.keys())
                 .cloned()
+                .chain(self.nodes.keys().map(|n| names::node_locality(n)))
                 .collect(),
             ResourceType::RouteConfiguration | ResourceType::Secret => Vec::new(),
         }

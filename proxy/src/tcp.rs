@@ -183,7 +183,7 @@ async fn connection(
             refuse(client, &c.failed);
             return Err(TcpError::NoCluster { service: listener.service.clone(), cluster: listener.cluster.clone() });
         };
-        let cands = balance::candidates(cluster, listener.local_only, &shared.here);
+        let cands = balance::candidates(cluster, listener.local_only, shared.here.at(&table));
         if cands.is_empty() {
             refuse(client, &c.failed);
             return Err(TcpError::NoEndpoint { service: listener.service.clone(), local_only: listener.local_only });
@@ -678,7 +678,7 @@ mod tests {
         let c = Cluster {
             name: "ns/web/80".into(),
             affinity: None,
-            prefer_close: false,
+            distribution: Default::default(),
             endpoints: endpoints.into(),
             affinity_map: Arc::default(),
             rr: Arc::default(),

@@ -177,7 +177,9 @@ struct View {
     table: Weak<Table>,
     listener: Option<Weak<ServiceListener>>,
     cluster: Option<Weak<Cluster>>,
-    /// Bumped whenever the listener or cluster changed: flows checked at an older epoch are re-checked.
+    /// The zone the candidates were chosen for (it follows the Node's label).
+    zone: Option<String>,
+    /// Bumped whenever the listener, cluster or zone changed: flows checked at an older epoch are re-checked.
     epoch: u64,
     /// The endpoints a flow may stay on, sorted by address.
     candidates: Vec<(SocketAddr, Arc<EndpointStats>)>,
@@ -201,6 +203,7 @@ impl View {
             table: Weak::new(),
             listener: None,
             cluster: None,
+            zone: None,
             epoch: 0,
             candidates: Vec::new(),
             counters: Counters::new(&shared.metrics, &service),
@@ -215,16 +218,18 @@ impl View {
         self.table = Arc::downgrade(table);
         let listener = table.by_key.get(key);
         let cluster = listener.and_then(|l| table.clusters.get(&l.cluster));
-        if same(&self.listener, listener) && same(&self.cluster, cluster) {
+        let zone = shared.here.at(table).zone;
+        if same(&self.listener, listener) && same(&self.cluster, cluster) && self.zone.as_deref() == zone {
             // Another Service changed: untouched Services keep their Arcs, so nothing to re-check here.
             return;
         }
+        self.zone = zone.map(str::to_owned);
         self.listener = listener.map(Arc::downgrade);
         self.cluster = cluster.map(Arc::downgrade);
         self.epoch += 1;
         self.candidates = match (listener, cluster) {
             (Some(l), Some(c)) => {
-                let mut v: Vec<_> = balance::candidates(c, l.local_only, &shared.here)
+                let mut v: Vec<_> = balance::candidates(c, l.local_only, shared.here.at(table))
                     .into_iter()
                     .map(|e| (e.addr, e.stats.clone()))
                     .collect();
@@ -407,7 +412,7 @@ impl Ctx {
             service: listener.service.clone(),
             cluster: listener.cluster.clone(),
         })?;
-        let candidates = balance::candidates(cluster, listener.local_only, &self.shared.here);
+        let candidates = balance::candidates(cluster, listener.local_only, self.shared.here.at(table));
         let endpoint = balance::choose(cluster, &candidates, client.ip(), &[], self.shared.cfg.algorithm)
             .ok_or_else(|| UdpError::NoEndpoint { service: listener.service.clone() })?;
         let upstream = Arc::new(
@@ -569,7 +574,7 @@ mod tests {
         let cluster = Cluster {
             name: CLUSTER.into(),
             affinity,
-            prefer_close: false,
+            distribution: Default::default(),
             endpoints: endpoints.into(),
             affinity_map: Arc::default(),
             rr: Arc::default(),

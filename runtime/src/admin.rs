@@ -16,6 +16,14 @@
 //!   first snapshot (or every watcher's first list) is in. It starts "not ready", so an app that forgets to
 //!   flip it fails its probe loudly instead of taking traffic empty.
 //! - **HTTP/1.1 only**: the clients are curl, Prometheus and the kubelet.
+//! - **Not reachable from a browser.** Loopback alone does not stop a web page in a browser on the node: by DNS
+//!   rebinding its own name can resolve to 127.0.0.1, and a cross-origin `POST` (a form) needs no preflight.
+//!   So a request whose `Host` is not a loopback address or `localhost` (with or without a port) is refused
+//!   with 421 (a rebound name is still the attacker's name in `Host`), and so is a request carrying `Origin`
+//!   that is not `GET`/`HEAD`/`OPTIONS` (browsers send `Origin` on every cross-origin and every `POST`
+//!   request; curl, Prometheus, the kubelet and meshctl never do) with 403. On a server allowed off loopback
+//!   ([`AdminBuilder::allow_non_loopback`]) any IP address is accepted as `Host` too: an IP literal cannot be
+//!   rebound.
 //! - **Stops with the process's [`Shutdown`]**: stop accepting, let requests in flight finish (bounded by
 //!   [`DRAIN_DEADLINE`]), close idle keep-alive connections.
 
@@ -376,8 +384,73 @@ async fn handle(admin: &Admin, req: Request<Incoming>) -> Resp {
     resp
 }
 
+/// Whether `Host` names this machine by loopback address or `localhost` (any port), or, when the server may
+/// serve off loopback, by any IP address. A missing `Host` (HTTP/1.0) is accepted: a browser always sends one.
+fn host_allowed(host: Option<&str>, allow_ip: bool) -> bool {
+    let Some(host) = host else { return true };
+    let host = host.trim();
+    // Strip the port: `[v6]:port`, `[v6]`, `name:port`, `v4:port`, `name`.
+    let bare = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, tail)) if tail.is_empty() || tail.strip_prefix(':').is_some_and(valid_port) => ip,
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if valid_port(port) && !name.contains(':') => name,
+            Some(_) if host.parse::<IpAddr>().is_err() => return false,
+            _ => host,
+        }
+    };
+    let bare = bare.strip_suffix('.').unwrap_or(bare);
+    if bare.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match bare.parse::<IpAddr>() {
+        Ok(ip) => allow_ip || is_loopback(ip),
+        Err(_) => false,
+    }
+}
+
+fn valid_port(p: &str) -> bool {
+    p.is_empty() || p.parse::<u16>().is_ok()
+}
+
+/// Refuses what a browser page could send (see the module docs): a foreign `Host`, or a mutating request with
+/// an `Origin`.
+fn refuse_browser(inner: &Inner, req: &Request<Incoming>) -> Option<Resp> {
+    let headers = req.headers();
+    let host = match headers.get(http::header::HOST) {
+        Some(v) => match v.to_str() {
+            Ok(h) => Some(h),
+            Err(_) => return Some(respond(StatusCode::MISDIRECTED_REQUEST, TEXT, "Host is not valid text\n")),
+        },
+        None => req.uri().authority().map(|a| a.as_str()),
+    };
+    if !host_allowed(host, inner.allow_non_loopback) {
+        return Some(respond(
+            StatusCode::MISDIRECTED_REQUEST,
+            TEXT,
+            "the admin server answers only requests for localhost or a loopback address (Host header); \
+             use http://127.0.0.1:PORT/ or http://localhost:PORT/\n",
+        ));
+    }
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe && headers.contains_key(http::header::ORIGIN) {
+        return Some(respond(
+            StatusCode::FORBIDDEN,
+            TEXT,
+            "the admin server refuses changes sent with an Origin header (from a web page); use curl or meshctl\n",
+        ));
+    }
+    None
+}
+
 async fn route(admin: &Admin, req: Request<Incoming>) -> Resp {
     let inner = &admin.inner;
+    if let Some(refused) = refuse_browser(inner, &req) {
+        return refused;
+    }
     let get = matches!(*req.method(), Method::GET | Method::HEAD);
     let path = req.uri().path().to_owned();
     match path.as_str() {
@@ -812,6 +885,69 @@ mod tests {
         assert!(is_loopback("127.0.0.1".parse().unwrap()) && is_loopback("127.1.2.3".parse().unwrap()));
         assert!(is_loopback("::1".parse().unwrap()) && is_loopback("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!is_loopback("10.0.0.1".parse().unwrap()) && !is_loopback("::".parse().unwrap()));
+    }
+
+    /// A raw HTTP/1.1 request with the given extra header lines (so `Host` is whatever the test says).
+    async fn raw(addr: SocketAddr, head: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("{head}Connection: close\r\nContent-Length: 0\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        timeout(SOON, s.read_to_end(&mut out)).await.expect("no answer in time").unwrap();
+        let text = String::from_utf8_lossy(&out);
+        text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status: {text}"))
+    }
+
+    #[tokio::test]
+    async fn requests_a_browser_page_could_send_are_refused() {
+        let log = FakeLog::new("info");
+        let server = Running::start(Admin::builder().logging(log.clone()).build().unwrap()).await;
+        let addr = server.addr;
+        let port = addr.port();
+        // DNS rebinding: the attacker's name resolves to 127.0.0.1, but it is still the name in Host.
+        for host in ["evil.example", "evil.example:19000", "localhost.evil.example", "10.0.0.1", "[::2]:80", "a:b:c"] {
+            let get = raw(addr, &format!("GET /ready HTTP/1.1\r\nHost: {host}\r\n")).await;
+            assert_eq!(get, 421, "GET with Host {host}");
+            let post = raw(addr, &format!("POST /logging?filter=trace HTTP/1.1\r\nHost: {host}\r\n")).await;
+            assert_eq!(post, 421, "POST with Host {host}");
+        }
+        assert_eq!(log.filter().unwrap(), "info", "a refused request changed the log filter");
+        for host in [
+            "localhost".to_owned(),
+            format!("localhost:{port}"),
+            "LOCALHOST.".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "127.1.2.3".to_owned(),
+            "[::1]".to_owned(),
+            format!("[::1]:{port}"),
+            "::1".to_owned(),
+        ] {
+            assert_eq!(raw(addr, &format!("GET /ready HTTP/1.1\r\nHost: {host}\r\n")).await, 503, "Host {host}");
+        }
+        // HTTP/1.0 without Host (a browser always sends one).
+        assert_eq!(raw(addr, "GET /ready HTTP/1.0\r\n").await, 503);
+
+        // CSRF: a form posted from a page carries Origin (even with a good Host).
+        let host = format!("Host: 127.0.0.1:{port}\r\n");
+        for origin in ["http://evil.example", "null", &format!("http://127.0.0.1:{port}")] {
+            let r = raw(addr, &format!("POST /logging?filter=trace HTTP/1.1\r\n{host}Origin: {origin}\r\n")).await;
+            assert_eq!(r, 403, "POST with Origin {origin}");
+            let r = raw(addr, &format!("PUT /logging?filter=trace HTTP/1.1\r\n{host}Origin: {origin}\r\n")).await;
+            assert_eq!(r, 403, "PUT with Origin {origin}");
+        }
+        assert_eq!(log.filter().unwrap(), "info", "a refused request changed the log filter");
+        // Reading with an Origin is harmless (the page cannot read the answer cross-origin anyway).
+        let r = raw(addr, &format!("GET /logging HTTP/1.1\r\n{host}Origin: http://evil.example\r\n")).await;
+        assert_eq!(r, 200);
+        // Without Origin, as curl and meshctl send it, the change goes through.
+        assert_eq!(raw(addr, &format!("POST /logging?filter=debug HTTP/1.1\r\n{host}")).await, 200);
+        assert_eq!(log.filter().unwrap(), "debug");
+        server.stop().await;
+
+        // Off loopback (explicitly allowed), an IP literal is accepted too; a name still is not.
+        assert!(host_allowed(Some("10.0.0.1:19000"), true) && host_allowed(Some("[fd00::1]:1"), true));
+        assert!(!host_allowed(Some("evil.example"), true) && !host_allowed(Some("10.0.0.1:19000"), false));
+        assert!(!host_allowed(Some("127.0.0.1:99999"), false) && !host_allowed(Some("[::1"), false));
     }
 
     #[tokio::test]

@@ -110,12 +110,16 @@ data:
 }
 
 /// The full-path tests' Ingress `ns/shop` (class `mesh`): `tls_host` over TLS with the Secret `secret`, `/api` to
-/// the Service `api` and `/` to `web`; `plain_host` `/` to `web`.
+/// the Service `api` and `/` to `web`; `plain_host` `/` to `web`. Plain HTTP to `tls_host` is redirected to
+/// HTTPS (asked for with `mesh.dev/ssl-redirect`; the default serves it).
 pub fn shop_ingress(ns: &str, tls_host: &str, plain_host: &str, secret: &str) -> String {
     format!(
         "apiVersion: networking.k8s.io/v1
 kind: Ingress
-metadata: {{name: shop, namespace: {ns}}}
+metadata:
+  name: shop
+  namespace: {ns}
+  annotations: {{mesh.dev/ssl-redirect: \"true\"}}
 spec:
   ingressClassName: mesh
   tls:
@@ -128,6 +132,27 @@ spec:
           - {{path: /api, pathType: Prefix, backend: {{service: {{name: api, port: {{name: http}}}}}}}}
           - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}
     - host: {plain_host}
+      http:
+        paths:
+          - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}
+"
+    )
+}
+
+/// An Ingress `ns/tls-only` as the Ingress conformance suite writes one: `host` listed under `tls` (Secret
+/// `secret`) and `/` to the Service `web`, with no annotation, so plain HTTP to `host` is served, not redirected.
+pub fn tls_host_ingress(ns: &str, host: &str, secret: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: tls-only, namespace: {ns}}}
+spec:
+  ingressClassName: mesh
+  tls:
+    - hosts: [{host}]
+      secretName: {secret}
+  rules:
+    - host: {host}
       http:
         paths:
           - {{path: /, pathType: Prefix, backend: {{service: {{name: web, port: {{name: http}}}}}}}}

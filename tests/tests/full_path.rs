@@ -25,6 +25,8 @@ const WAIT: Duration = Duration::from_secs(60);
 const NS: &str = "full";
 const TLS_HOST: &str = "shop.full.test";
 const PLAIN_HOST: &str = "plain.full.test";
+/// A host listed under an Ingress's `tls` without a redirect asked for (the conformance suite's case).
+const TLS_ONLY_HOST: &str = "tls-only.full.test";
 
 fn pod_ip(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 76, 1, i)
@@ -86,6 +88,7 @@ endpoints:
         manifests::ingress_class(),
         manifests::tls_secret(NS, "shop-tls", cert_pem, key_pem),
         manifests::shop_ingress(NS, TLS_HOST, PLAIN_HOST, "shop-tls"),
+        manifests::tls_host_ingress(NS, TLS_ONLY_HOST, "shop-tls"),
     ])
 }
 
@@ -233,7 +236,12 @@ async fn user_to_pod_through_lb_nodeport_ingress_and_tls_and_pod_to_clusterip() 
     assert_eq!(status, 200, "{body}");
     assert!(pod_of(&body).is_some_and(|p| p.starts_with("web-")), "{body}");
 
-    // Plain HTTP to the TLS host is redirected to HTTPS.
+    // Plain HTTP to a TLS host is served by default (Ingress conformance: GET http://foo.bar.com/ gets the
+    // backend's 200)...
+    let r = http_get(lb_http, TLS_ONLY_HOST, "/cart").await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(pod_of(&r.body).is_some_and(|p| p.starts_with("web-")), "{}", r.body);
+    // ...and redirected to HTTPS where the Ingress asks for it (mesh.dev/ssl-redirect).
     let r = http_get(lb_http, TLS_HOST, "/cart").await?;
     assert!(matches!(r.status, 301 | 302 | 307 | 308), "status {}: {}", r.status, r.body);
     let location = r.headers.get("location").and_then(|v| v.to_str().ok()).unwrap_or_default();

@@ -430,7 +430,7 @@ async fn full_path(c: &mut Cluster) -> anyhow::Result<()> {
     .await?;
     let (pod, _) = answered_by(&get_tls(&t.user, lb_https, TLS_HOST, "/", &cert).await?)?;
     anyhow::ensure!(web.contains(&pod.as_str()), "TLS / answered by {pod}");
-    // Plain HTTP to the TLS host is redirected to HTTPS.
+    // Plain HTTP to the TLS host is redirected to HTTPS (the Ingress asks for it: mesh.dev/ssl-redirect).
     let r = get(&t.user, lb_http, TLS_HOST, "/cart").await?;
     anyhow::ensure!(matches!(r.status, 301 | 302 | 307 | 308), "status {}: {}", r.status, r.body);
 

@@ -597,6 +597,66 @@ async fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> anyho
     Ok(())
 }
 
+/// The zone comes from the Node: a proxy without `--zone` learns its Node's `topology.kubernetes.io/zone` from
+/// mesh-control and follows the label when it changes; `trafficDistribution: PreferSameZone` (the newer name of
+/// PreferClose) then keeps connections in that zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zone_comes_from_the_node_label_and_follows_it() -> anyhow::Result<()> {
+    let t = 16;
+    let pods = tcp_pods(t, &["in-a", "in-b"]).await?;
+    let svc = Svc {
+        extra: "  trafficDistribution: PreferSameZone\n".into(),
+        ..Svc::cluster_ip("zoned", cluster_ip(t, 1), port_on(&[IpAddr::V4(cluster_ip(t, 1))])?)
+    };
+    // in-a runs on this node (zone-a in its slice), in-b on node-b (zone-b).
+    let eps = [ep(pods[0].addr(), NODE, State::Ready), ep(pods[1].addr(), "node-b", State::Ready)];
+    let node = |zone: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n  labels:\n    topology.kubernetes.io/zone: {zone}\n"
+        )
+    };
+    let folder = Folder::new()?;
+    folder.service(&svc, &eps)?;
+    folder.write("node.yaml", &node("zone-b"))?;
+    let control = mesh_control::app::build(control_config(&folder.manifests(), "127.0.0.1:0".parse()?)).await?;
+    let proxy = proxy::build(proxy::Config { zone: None, ..proxy_config(xds(control.xds_addr)) }).await?;
+    wait_ready(proxy.admin_addr).await?;
+    wait_service(&proxy, &svc, &eps).await?;
+
+    let in_zone = |zone: &'static str, pod: &'static str| {
+        let admin = proxy.admin_addr;
+        let to = svc.addr();
+        async move {
+            eventually(CONVERGE, &format!("the proxy is in {zone}"), || async {
+                let d = dump(admin).await?;
+                anyhow::ensure!(d["zone"] == zone, "zone {}", d["zone"]);
+                Ok(())
+            })
+            .await?;
+            // Held open, so least-connections would spread them if the other zone's endpoint were a candidate.
+            let (conns, got) = hold(to, 3).await?;
+            anyhow::ensure!(got == [pod, pod, pod], "in {zone}: {got:?}");
+            close_all(conns).await
+        }
+    };
+    in_zone("zone-b", "in-b").await?;
+    // The label changes: the proxy follows without a restart.
+    folder.write("node.yaml", &node("zone-a"))?;
+    in_zone("zone-a", "in-a").await?;
+    // The label goes: no zone, no preference.
+    folder.write("node.yaml", &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n"))?;
+    eventually(CONVERGE, "the proxy has no zone", || async {
+        let d = dump(proxy.admin_addr).await?;
+        anyhow::ensure!(d["zone"].is_null(), "zone {}", d["zone"]);
+        Ok(())
+    })
+    .await?;
+    let (conns, got) = hold(svc.addr(), 2).await?;
+    assert_eq!(names(&got), BTreeSet::from(["in-a", "in-b"]), "no zone: both");
+    close_all(conns).await?;
+    Ok(())
+}
+
 /// (d) `externalTrafficPolicy: Local` with a `healthCheckNodePort`: external addresses use only this node's
 /// endpoints (the ClusterIP, under internalTrafficPolicy Cluster, uses all); the health check port answers 200
 /// with the count of local endpoints, and 503 once the local endpoint leaves the slice.

@@ -239,7 +239,7 @@ impl ClientConfig {
         self.endpoint().map(|_| ())
     }
 
-    fn endpoint(&self) -> Result<Endpoint, ClientError> {
+    pub(crate) fn endpoint(&self) -> Result<Endpoint, ClientError> {
         let invalid = |reason: String| ClientError::InvalidEndpoint { endpoint: self.endpoint.clone(), reason };
         let endpoint = Endpoint::from_shared(self.endpoint.clone()).map_err(|e| invalid(error_chain(&e)))?;
         match endpoint.uri().scheme_str() {
@@ -817,7 +817,7 @@ fn decode(kind: ResourceType, declared: String, any: Option<Any>) -> Result<(Str
 }
 
 /// An error and its causes, `a: b: c`: tonic's transport errors say little at the top level.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(cause) = source {

@@ -6,10 +6,12 @@
 //! - type URLs ([`types`]);
 //! - resource names ([`names`]) and the `filter_metadata["mesh"]` keys ([`meta`]) for facts Envoy cannot express;
 //! - deterministic encoding and Envoy's JSON mapping ([`codec`]), and snapshot files ([`snapshot_file`]);
-//! - the ADS client the data planes and `meshctl` share ([`client`]).
+//! - the ADS client the data planes and `meshctl` share ([`client`]);
+//! - the inspection call of our own next to ADS, for what xDS cannot carry (the problem list: [`inspect`]).
 
 pub mod client;
 pub mod codec;
+pub mod inspect;
 pub mod meta;
 pub mod names;
 pub mod snapshot_file;

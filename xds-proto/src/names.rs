@@ -11,6 +11,22 @@ pub const INGRESS_HTTP: &str = "ingress/http";
 /// Listener and RouteConfiguration of the ingress proxy's TLS port.
 pub const INGRESS_HTTPS: &str = "ingress/https";
 
+/// Prefix of the per-node ClusterLoadAssignment (see [`node_locality`]).
+pub const NODE_PREFIX: &str = "node/";
+
+/// The ClusterLoadAssignment that tells a node proxy where its own node is: `node/{node}`, holding one
+/// `LocalityLbEndpoints` without endpoints whose `locality` is the Node's zone (`topology.kubernetes.io/zone`)
+/// and, as `sub_zone`, the node name. mesh-control sends each node proxy only its own (by `node.id`), and only
+/// when the Node has a zone; a real Envoy never asks for it (its EDS subscriptions name their clusters).
+pub fn node_locality(node: &str) -> String {
+    format!("{NODE_PREFIX}{node}")
+}
+
+/// The node a [`node_locality`] resource name is about, if it is one.
+pub fn node_of_locality(name: &str) -> Option<&str> {
+    name.strip_prefix(NODE_PREFIX).filter(|n| !n.is_empty())
+}
+
 /// How a Service port is named inside resource names: its `name` when it has one, else its number
 /// (Kubernetes requires names only when a Service has several ports).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

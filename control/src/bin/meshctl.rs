@@ -84,6 +84,9 @@ enum Command {
         /// For the ingress role: the IngressClass.
         #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
         ingress_class: String,
+        /// For the proxy role: include this node's locality (its Node's zone), as mesh-control sends it.
+        #[arg(long, env = "MESH_NODE")]
+        node: Option<String>,
     },
     /// Exit 0 when an admin endpoint answers 2xx (a liveness/readiness probe for containers whose admin port
     /// is loopback-only: an exec probe runs inside the Pod's network namespace, an HTTP probe from the kubelet
@@ -172,7 +175,11 @@ impl Ask {
         if roles != RolesArg::Proxy {
             t.ingress = routes::ingress_rows(&self.ingress_class, &self.fetch("ingress").await?)?;
         }
-        t.problems = vec!["(not sent over xDS: see mesh-control's log or its admin /config_dump)".to_owned()];
+        // Over the same connection settings, from mesh.v1.Inspect next to ADS: the same lines as offline.
+        let cfg = xds_proto::client::ClientConfig::new(self.endpoint.clone(), "meshctl", "proxy");
+        t.problems = xds_proto::inspect::fetch_problems(&cfg, self.timeout)
+            .await
+            .with_context(|| format!("asking {} for its problems", self.endpoint))?;
         Ok(t)
     }
 }
@@ -217,7 +224,7 @@ fn main() -> anyhow::Result<()> {
                 Output::Yaml => print!("{}", serde_yaml::to_string(&table)?),
             }
         }
-        Command::Snapshot { manifests, role, ingress_class } => {
+        Command::Snapshot { manifests, role, ingress_class, node } => {
             let snap = offline(&manifests)?;
             let role = match role {
                 RoleArg::Proxy => Role::Proxy,
@@ -230,7 +237,7 @@ fn main() -> anyhow::Result<()> {
                     "warning: IngressClass {class:?} is not one of ours in this folder; the ingress gets nothing"
                 );
             }
-            let rs = snap.role(&role);
+            let rs = snap.for_client(&role, node.as_deref().unwrap_or_default());
             let items =
                 ResourceType::ALL.into_iter().flat_map(|t| rs.get(t).values().map(move |r| (t, r.body.clone())));
             let items: Vec<(ResourceType, bytes::Bytes)> = items.collect();

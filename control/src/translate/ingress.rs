@@ -11,16 +11,23 @@
 //!   and `/foo/bar`, not `/foobar`) with the trailing slash ignored, so it maps to Envoy's
 //!   `path_separated_prefix` (`prefix: "/"` for the root). `ImplementationSpecific` is treated as `Prefix`: the
 //!   predictable choice, and what a user moving from ingress-nginx without regex annotations gets.
-//! - Precedence within a host: `Exact` before `Prefix`, then the longest path first. Then the `defaultBackend`
-//!   (the oldest Ingress's), else a 404 with a small body.
+//! - Precedence within a host: `Exact` before `Prefix`, then the longest path first, measured on the rule's path
+//!   as written (so of `/foo/` and `/foo`, which match the same requests, `/foo/` wins, as the API says), then
+//!   the oldest Ingress (`creationTimestamp`, then namespace/name), then the path. Then the `defaultBackend`
+//!   (the oldest Ingress's), else a 404 with a small body. Nothing depends on the order of Ingresses or rules:
+//!   a path given twice in one Ingress keeps the backend that sorts first (and is reported).
 //! - Conflicts between Ingresses (the same host and path, the same TLS host with another Secret, a second
 //!   default backend): the oldest Ingress (`creationTimestamp`, then namespace/name) wins; the other is reported.
 //! - A backend that does not exist (Service or port missing, ExternalName, UDP port) keeps its route but answers
 //!   503, as ingress-nginx does: dropping the route would let a shorter prefix take traffic meant for it.
 //! - TLS: each `tls` entry's Secret becomes an SDS Secret and a filter chain matching its hosts by SNI; an entry
 //!   without hosts gives the default certificate. A missing or malformed Secret is reported and its hosts are
-//!   served over plain HTTP only. Plain-HTTP requests to a TLS host are redirected to HTTPS (308) unless the
-//!   Ingress says `mesh.dev/ssl-redirect: "false"` (or ingress-nginx's `nginx.ingress.kubernetes.io/ssl-redirect`).
+//!   served over plain HTTP only. Plain-HTTP requests to a TLS host are served (the conformance suite expects
+//!   the backend's answer over plain HTTP too), unless redirecting to HTTPS (308) is asked for: by the Ingress
+//!   (`mesh.dev/ssl-redirect`, or ingress-nginx's `nginx.ingress.kubernetes.io/ssl-redirect` or
+//!   `force-ssl-redirect`, `"true"` or `"false"`), else by its IngressClass (`mesh.dev/ssl-redirect` on it),
+//!   else by mesh-control's `--ssl-redirect`. Only hosts the Ingress lists under `tls` (with a usable Secret)
+//!   are redirected, `force-ssl-redirect` included.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,10 +59,13 @@ use crate::store::Store;
 pub const CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
 /// IngressClass annotation marking the cluster's default class.
 pub const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-class";
-/// Ingress annotation turning the HTTP → HTTPS redirect off (`"false"`).
+/// Ingress (or IngressClass, for its Ingresses) annotation: `"true"` redirects plain HTTP to a TLS host to
+/// HTTPS (308), `"false"` serves it. Unset: the IngressClass's, else `Options::ssl_redirect` (off).
 pub const SSL_REDIRECT_ANNOTATION: &str = "mesh.dev/ssl-redirect";
-/// ingress-nginx's spelling of the same, honoured for users moving over.
+/// ingress-nginx's spelling of the same, honoured on Ingresses for users moving over.
 pub const NGINX_SSL_REDIRECT_ANNOTATION: &str = "nginx.ingress.kubernetes.io/ssl-redirect";
+/// ingress-nginx's forced redirect, honoured on Ingresses with the same meaning (for the Ingress's TLS hosts).
+pub const NGINX_FORCE_SSL_REDIRECT_ANNOTATION: &str = "nginx.ingress.kubernetes.io/force-ssl-redirect";
 /// The body of the 404 an unmatched request gets.
 pub const NOT_FOUND_BODY: &str = "404 page not found: no Ingress rule matches this host and path\n";
 
@@ -80,24 +90,40 @@ pub struct ClassOut {
 }
 
 /// Where a path leads.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Target {
     Cluster(String),
     /// The backend cannot be reached; the route answers 503 with this reason.
     Unavailable(String),
 }
 
-/// Orders routes: Exact before Prefix, then the longest path first.
+/// A path of a host as written in the rule (one route per key; a second Ingress giving it is a conflict).
+/// Orders Exact before Prefix, then the longest path as written first.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct PathKey {
     prefix: bool,
     len: Reverse<usize>,
+    /// As written (a Prefix path's trailing slash is kept: it makes the path longer, not different in matching).
     path: String,
+}
+
+impl PathKey {
+    /// What the route matches: for Prefix, the path without trailing slashes (`/` for the root), as Envoy's
+    /// `path_separated_prefix` wants it.
+    fn matched(&self) -> &str {
+        if !self.prefix {
+            return &self.path;
+        }
+        let trimmed = self.path.trim_end_matches('/');
+        if trimmed.is_empty() { "/" } else { trimmed }
+    }
 }
 
 #[derive(Debug, Clone)]
 struct RouteEntry {
     ingress: ObjectRef,
+    /// The Ingress's position among its class's, oldest first: breaks ties between paths of equal length.
+    age: usize,
     path_type: String,
     target: Target,
 }
@@ -185,22 +211,44 @@ pub fn translate(store: &Store, opts: &Options) -> IngressOut {
     for (class_name, mut list) in by_class {
         list.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         let mut class = Class::default();
-        for (_, me, ing) in &list {
-            add_ingress(store, &mut class, me, ing, &mut out.problems);
+        let class_redirect = store
+            .class(class_name)
+            .and_then(|c| flag(&c.metadata, &[SSL_REDIRECT_ANNOTATION]))
+            .unwrap_or(opts.ssl_redirect);
+        for (i, (_, me, ing)) in list.iter().enumerate() {
+            let redirect = flag(
+                &ing.metadata,
+                &[SSL_REDIRECT_ANNOTATION, NGINX_FORCE_SSL_REDIRECT_ANNOTATION, NGINX_SSL_REDIRECT_ANNOTATION],
+            )
+            .unwrap_or(class_redirect);
+            add_ingress(store, &mut class, (i, me), ing, redirect, &mut out.problems);
         }
         out.classes.insert(class_name.to_owned(), build_class(class, opts));
     }
     out
 }
 
-fn add_ingress(store: &Store, class: &mut Class, me: &ObjectRef, ing: &Ingress, problems: &mut Vec<Problem>) {
+/// The first of `keys` set to `"true"` or `"false"` (case-insensitive), as a bool.
+fn flag(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, keys: &[&str]) -> Option<bool> {
+    keys.iter().find_map(|k| match annotation(meta, k)?.trim() {
+        v if v.eq_ignore_ascii_case("true") => Some(true),
+        v if v.eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
+    })
+}
+
+fn add_ingress(
+    store: &Store,
+    class: &mut Class,
+    (age, me): (usize, &ObjectRef),
+    ing: &Ingress,
+    redirect: bool,
+    problems: &mut Vec<Problem>,
+) {
     let Some(spec) = &ing.spec else {
         problems.push(Problem::new(me.clone(), "no spec; nothing to route"));
         return;
     };
-    let redirect = ![SSL_REDIRECT_ANNOTATION, NGINX_SSL_REDIRECT_ANNOTATION]
-        .iter()
-        .any(|k| annotation(&ing.metadata, k) == Some("false"));
 
     for (i, tls) in spec.tls.iter().flatten().enumerate() {
         let Some(secret) = tls.secret_name.as_deref().filter(|s| !s.is_empty()) else {
@@ -291,25 +339,33 @@ fn add_ingress(store: &Store, class: &mut Class, me: &ObjectRef, ing: &Ingress, 
             };
             let target = resolve(store, &me.namespace, &p.backend, me, &at, problems);
             let shown_host = if host.is_empty() { "*" } else { host.as_str() };
-            match routes.get(&key) {
+            let entry = RouteEntry { ingress: me.clone(), age, path_type: p.path_type.clone(), target };
+            match routes.get_mut(&key) {
+                Some(owner) if owner.ingress != *me => {
+                    problems.push(Problem::new(
+                        me.clone(),
+                        format!(
+                            "{at}: host {shown_host} path {} is already routed by {} (older); path skipped",
+                            key.path, owner.ingress
+                        ),
+                    ));
+                }
                 Some(owner) => {
-                    if owner.ingress != *me {
-                        problems.push(Problem::new(
-                            me.clone(),
-                            format!(
-                                "{at}: host {shown_host} path {} is already routed by {} (older); path skipped",
-                                key.path, owner.ingress
-                            ),
-                        ));
-                    } else {
-                        problems.push(Problem::new(
-                            me.clone(),
-                            format!("{at}: host {shown_host} path {} is defined twice; the first is used", key.path),
-                        ));
+                    // Twice in one Ingress: the backend that sorts first, whatever the order of the rules.
+                    if (&entry.target, &entry.path_type) < (&owner.target, &owner.path_type) {
+                        *owner = entry;
                     }
+                    problems.push(Problem::new(
+                        me.clone(),
+                        format!(
+                            "{at}: host {shown_host} path {} is defined twice in this Ingress; the backend {} is used",
+                            key.path,
+                            shown_target(&owner.target)
+                        ),
+                    ));
                 }
                 None => {
-                    routes.insert(key, RouteEntry { ingress: me.clone(), path_type: p.path_type.clone(), target });
+                    routes.insert(key, entry);
                 }
             }
         }
@@ -349,13 +405,14 @@ fn path_key(path_type: &str, path: Option<&str>) -> Result<PathKey, String> {
         "Prefix" | "ImplementationSpecific" => true,
         other => return Err(format!("pathType {other:?} is not Exact, Prefix or ImplementationSpecific")),
     };
-    let path = if prefix {
-        let trimmed = path.trim_end_matches('/');
-        if trimmed.is_empty() { "/" } else { trimmed }
-    } else {
-        path
-    };
     Ok(PathKey { prefix, len: Reverse(path.len()), path: path.to_owned() })
+}
+
+fn shown_target(t: &Target) -> String {
+    match t {
+        Target::Cluster(c) => c.clone(),
+        Target::Unavailable(_) => "(unavailable, 503)".to_owned(),
+    }
 }
 
 /// Resolves an Ingress backend to the Cluster of a Service port.
@@ -532,8 +589,13 @@ fn route_config(
                     ..Default::default()
                 });
             } else {
-                for (k, e) in routes {
-                    let spec = match (k.prefix, k.path.as_str()) {
+                // Exact first, then the longest path as written, then the oldest Ingress, then the path.
+                let mut ordered: Vec<(&PathKey, &RouteEntry)> = routes.iter().collect();
+                ordered.sort_by(|(ka, ea), (kb, eb)| {
+                    (ka.prefix, ka.len, ea.age, &ka.path).cmp(&(kb.prefix, kb.len, eb.age, &kb.path))
+                });
+                for (k, e) in ordered {
+                    let spec = match (k.prefix, k.matched()) {
                         (false, p) => route_match::PathSpecifier::Path(p.to_owned()),
                         (true, "/") => route_match::PathSpecifier::Prefix("/".into()),
                         (true, p) => route_match::PathSpecifier::PathSeparatedPrefix(p.to_owned()),
@@ -549,7 +611,7 @@ fn route_config(
                         ..Default::default()
                     });
                 }
-                let has_root = routes.keys().any(|k| k.prefix && k.path == "/");
+                let has_root = routes.keys().any(|k| k.prefix && k.matched() == "/");
                 if !has_root {
                     let (action, md) = match default_backend {
                         Some((owner, t)) => (

@@ -28,14 +28,22 @@ use crate::model::{NsName, ObjectRef};
 use crate::store::{Changes, Store};
 
 pub use envoy::Protocol;
-pub use ingress::{CLASS_ANNOTATION, DEFAULT_CLASS_ANNOTATION, NGINX_SSL_REDIRECT_ANNOTATION, SSL_REDIRECT_ANNOTATION};
+pub use ingress::{
+    CLASS_ANNOTATION, DEFAULT_CLASS_ANNOTATION, NGINX_FORCE_SSL_REDIRECT_ANNOTATION, NGINX_SSL_REDIRECT_ANNOTATION,
+    SSL_REDIRECT_ANNOTATION,
+};
 pub use service::{HEADLESS_LABEL, ListenKey, SERVICE_PROXY_NAME_LABEL, ZONE_LABEL};
 
 /// Every annotation translation reads (on Ingresses and IngressClasses). A source may drop all others before
 /// storing an object: they cannot change the snapshot, and in a cluster they are often large
 /// (`kubectl.kubernetes.io/last-applied-configuration` holds a copy of the whole object).
-pub const READ_ANNOTATIONS: &[&str] =
-    &[CLASS_ANNOTATION, DEFAULT_CLASS_ANNOTATION, SSL_REDIRECT_ANNOTATION, NGINX_SSL_REDIRECT_ANNOTATION];
+pub const READ_ANNOTATIONS: &[&str] = &[
+    CLASS_ANNOTATION,
+    DEFAULT_CLASS_ANNOTATION,
+    SSL_REDIRECT_ANNOTATION,
+    NGINX_SSL_REDIRECT_ANNOTATION,
+    NGINX_FORCE_SSL_REDIRECT_ANNOTATION,
+];
 
 /// Every label translation reads (on Services, EndpointSlices and Nodes); a source may drop all others.
 pub const READ_LABELS: &[&str] =
@@ -171,11 +179,15 @@ pub struct Options {
     pub ingress_http_port: u16,
     /// The port of the `ingress/https` Listener.
     pub ingress_https_port: u16,
+    /// Whether plain HTTP to a host with TLS is redirected to HTTPS when neither the Ingress nor its
+    /// IngressClass says (`mesh.dev/ssl-redirect`). Off by default: served, as the Ingress conformance suite
+    /// expects.
+    pub ssl_redirect: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { ingress_http_port: 80, ingress_https_port: 443 }
+        Options { ingress_http_port: 80, ingress_https_port: 443, ssl_redirect: false }
     }
 }
 
@@ -186,6 +198,9 @@ pub struct Snapshot {
     pub proxy: RoleSnapshot,
     /// What an ingress proxy gets, per IngressClass of ours (`spec.controller` = `xds_proto::INGRESS_CONTROLLER`).
     pub ingress: OrdMap<String, RoleSnapshot>,
+    /// Per node proxy, by node name: the `node/{name}` ClusterLoadAssignment telling it its Node's zone
+    /// (`xds_proto::names::node_locality`), for Nodes that have one. Each proxy gets only its own.
+    pub nodes: OrdMap<String, Arc<Resource>>,
     /// Everything that could not be translated, sorted.
     pub problems: Arc<Vec<Problem>>,
 }
@@ -198,6 +213,18 @@ impl Snapshot {
             Role::Proxy => self.proxy.clone(),
             Role::Ingress { class } => self.ingress.get(class).cloned().unwrap_or_default(),
         }
+    }
+
+    /// What one client gets: its role's resources, and for a node proxy (`node.id` = node name) its own
+    /// Node's locality. O(log n): the role's resources are shared, not copied.
+    pub fn for_client(&self, role: &Role, node_id: &str) -> RoleSnapshot {
+        let mut out = self.role(role);
+        if *role == Role::Proxy
+            && let Some(r) = self.nodes.get(node_id)
+        {
+            out.set(ResourceType::ClusterLoadAssignment, r.clone());
+        }
+        out
     }
 }
 
@@ -314,6 +341,13 @@ impl Translator {
             }
         }
         problems_dirty |= self.resolve_claims(&touched_addrs);
+        if changes.all_services {
+            // A Node changed (or everything did): the per-node localities. O(Nodes), and only then.
+            let nodes = service::node_localities(store);
+            if nodes != self.snapshot.nodes {
+                self.snapshot.nodes = nodes;
+            }
+        }
 
         if changes.ingress {
             self.ingress = ingress::translate(store, &self.opts);

@@ -500,6 +500,27 @@ fn build_cla(
     }
 }
 
+/// The `node/{name}` ClusterLoadAssignment of every Node that has a zone: one locality (zone, and the node name
+/// as `sub_zone`, as endpoints carry it) without endpoints. A node proxy learns its zone from its own.
+pub fn node_localities(store: &Store) -> imbl::OrdMap<String, Arc<Resource>> {
+    store
+        .nodes()
+        .filter_map(|(name, n)| {
+            let zone = n.metadata.labels.as_ref()?.get(ZONE_LABEL).filter(|z| !z.is_empty())?;
+            let rname = names::node_locality(name);
+            let cla = ClusterLoadAssignment {
+                cluster_name: rname.clone(),
+                endpoints: vec![LocalityLbEndpoints {
+                    locality: Some(Locality { zone: zone.clone(), sub_zone: name.clone(), ..Default::default() }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            Some((name.clone(), Resource::new(rname, &cla)))
+        })
+        .collect()
+}
+
 fn zone_of_node(store: &Store, node: &str) -> Option<String> {
     if node.is_empty() {
         return None;

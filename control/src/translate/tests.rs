@@ -604,8 +604,9 @@ fn hosts_paths_precedence_default_backend_and_404() {
         pairs(&[
             ("=/healthz", "ns/a/admin"),
             ("/api/v2/*", "ns/b/admin"),
-            ("/docs/*", "ns/c/admin"),
+            // "/api/" and "/docs" are as long as written: the path decides.
             ("/api/*", "ns/b/http"),
+            ("/docs/*", "ns/c/admin"),
             ("/*", "ns/a/http"),
         ])
     );
@@ -652,7 +653,7 @@ fn conflicts_between_ingresses_oldest_wins() {
                 "newer",
                 "2025-01-01T00:00:00Z",
                 json!({"ingressClassName": "mesh", "defaultBackend": backend("b", json!(80)),
-            "rules": [rule(Some("x.example.com"), vec![path("/p", "Prefix", "b", json!("http")), path("/q", "Exact", "b", json!("http"))])]}),
+            "rules": [rule(Some("x.example.com"), vec![path("/p/", "Prefix", "b", json!("http")), path("/q", "Exact", "b", json!("http"))])]}),
             ),
             ingress(
                 "older",
@@ -668,7 +669,7 @@ fn conflicts_between_ingresses_oldest_wins() {
     assert!(
         has_problem(
             &s,
-            "Ingress ns/newer: rules[0].paths[0]: host x.example.com path /p is already routed by Ingress ns/older"
+            "Ingress ns/newer: rules[0].paths[0]: host x.example.com path /p/ is already routed by Ingress ns/older"
         ),
         "{:?}",
         problems(&s)
@@ -801,17 +802,21 @@ fn tls_secrets_sni_chains_and_redirects() {
             tls_secret("shop-tls", CERT, KEY),
             tls_secret("other-tls", CERT, KEY),
             tls_secret("broken", "not pem", KEY),
-            ingress(
-                "shop",
-                "2024-01-01T00:00:00Z",
-                json!({"ingressClassName": "mesh",
-            "tls": [{"hosts": ["shop.example.com", "*.shop.example.com"], "secretName": "shop-tls"},
-                    {"hosts": ["gone.example.com"], "secretName": "missing"},
-                    {"hosts": ["broken.example.com"], "secretName": "broken"}],
-            "rules": [rule(Some("shop.example.com"), vec![path("/", "Prefix", "a", json!(80))]),
-                      rule(Some("www.shop.example.com"), vec![path("/", "Prefix", "a", json!(80))]),
-                      rule(Some("gone.example.com"), vec![path("/", "Prefix", "a", json!(80))])]}),
-            ),
+            {
+                let mut i = ingress(
+                    "shop",
+                    "2024-01-01T00:00:00Z",
+                    json!({"ingressClassName": "mesh",
+                "tls": [{"hosts": ["shop.example.com", "*.shop.example.com"], "secretName": "shop-tls"},
+                        {"hosts": ["gone.example.com"], "secretName": "missing"},
+                        {"hosts": ["broken.example.com"], "secretName": "broken"}],
+                "rules": [rule(Some("shop.example.com"), vec![path("/", "Prefix", "a", json!(80))]),
+                          rule(Some("www.shop.example.com"), vec![path("/", "Prefix", "a", json!(80))]),
+                          rule(Some("gone.example.com"), vec![path("/", "Prefix", "a", json!(80))])]}),
+                );
+                i["metadata"]["annotations"] = json!({"mesh.dev/ssl-redirect": "true"});
+                i
+            },
             {
                 let mut i = ingress(
                     "plain",
@@ -910,4 +915,171 @@ fn endpoint_changes_reach_the_ingress_role_incrementally() {
     let cla: ClusterLoadAssignment = decode(&s.ingress["mesh"], ResourceType::ClusterLoadAssignment, "ns/a/http");
     assert_eq!(endpoints(&cla)[0].0, "10.0.0.2:80");
     assert_eq!(s, translate(&st, &Options::default()));
+}
+
+#[test]
+fn plain_http_to_a_tls_host_is_served_unless_a_redirect_is_asked_for() {
+    let tls_ingress = |name: &str, host: &str, annotations: Value| {
+        let mut i = ingress(
+            name,
+            "2024-01-01T00:00:00Z",
+            json!({"ingressClassName": "mesh", "tls": [{"hosts": [host], "secretName": "tls"}],
+                "rules": [rule(Some(host), vec![path("/", "Prefix", "a", json!(80))])]}),
+        );
+        i["metadata"]["annotations"] = annotations;
+        i
+    };
+    let objs = |class_annotations: Value| {
+        let mut class = mesh_class();
+        class["metadata"]["annotations"] = class_annotations;
+        with(
+            backends(),
+            vec![
+                class,
+                tls_secret("tls", CERT, KEY),
+                tls_ingress("plain", "plain.example.com", json!({})),
+                tls_ingress("mesh-on", "mesh-on.example.com", json!({"mesh.dev/ssl-redirect": "true"})),
+                tls_ingress("mesh-off", "mesh-off.example.com", json!({"mesh.dev/ssl-redirect": "false"})),
+                tls_ingress(
+                    "nginx-on",
+                    "nginx-on.example.com",
+                    json!({"nginx.ingress.kubernetes.io/ssl-redirect": "True"}),
+                ),
+                tls_ingress(
+                    "nginx-force",
+                    "nginx-force.example.com",
+                    json!({"nginx.ingress.kubernetes.io/force-ssl-redirect": "true"}),
+                ),
+                tls_ingress(
+                    "nginx-off",
+                    "nginx-off.example.com",
+                    json!({"nginx.ingress.kubernetes.io/ssl-redirect": "false"}),
+                ),
+            ],
+        )
+    };
+    let served = |s: &Snapshot, host: &str| {
+        let http = routes_of(s, "mesh", "ingress/http");
+        let https = routes_of(s, "mesh", "ingress/https");
+        assert_eq!(https[host], pairs(&[("/*", "ns/a/http")]), "{host} over TLS");
+        match http[host].as_slice() {
+            [(m, t)] if m == "/*" && t == "redirect" => false,
+            [(m, t)] if m == "/*" && t == "ns/a/http" => true,
+            other => panic!("{host}: {other:?}"),
+        }
+    };
+    let all = ["plain", "mesh-on", "mesh-off", "nginx-on", "nginx-force", "nginx-off"];
+    let check = |s: &Snapshot, redirected: &[&str]| {
+        for name in all {
+            let host = format!("{name}.example.com");
+            assert_eq!(!served(s, &host), redirected.contains(&name), "{host}");
+        }
+    };
+    // By default plain HTTP is served (the conformance suite's GET http://foo.bar.com/ expects the backend).
+    let s = snap(objs(json!({})));
+    assert!(problems(&s).is_empty(), "{:?}", problems(&s));
+    check(&s, &["mesh-on", "nginx-on", "nginx-force"]);
+    // The IngressClass turns it on for its Ingresses that do not say.
+    let s = snap(objs(json!({"mesh.dev/ssl-redirect": "true"})));
+    check(&s, &["plain", "mesh-on", "nginx-on", "nginx-force"]);
+    // mesh-control's --ssl-redirect, unless the class says otherwise.
+    let on = Options { ssl_redirect: true, ..Options::default() };
+    let s = translate(&store(objs(json!({}))), &on);
+    check(&s, &["plain", "mesh-on", "nginx-on", "nginx-force"]);
+    let s = translate(&store(objs(json!({"mesh.dev/ssl-redirect": "false"}))), &on);
+    check(&s, &["mesh-on", "nginx-on", "nginx-force"]);
+}
+
+#[test]
+fn prefix_paths_differing_by_a_trailing_slash_longest_as_written_wins() {
+    // Conformance: /foo and /foo/ (both Prefix) in one host; both match /foo and /foo/; /foo/ is longer.
+    for order in [["/foo", "/foo/"], ["/foo/", "/foo"]] {
+        let target = |p: &str| if p == "/foo/" { "b" } else { "a" };
+        let objs = with(
+            backends(),
+            vec![
+                mesh_class(),
+                ingress(
+                    "i",
+                    "2024-01-01T00:00:00Z",
+                    json!({"ingressClassName": "mesh", "rules": [rule(Some("x.example.com"), vec![
+                        path(order[0], "Prefix", target(order[0]), json!("http")),
+                        path(order[1], "Prefix", target(order[1]), json!("http")),
+                    ])]}),
+                ),
+            ],
+        );
+        let s = snap(objs);
+        assert!(problems(&s).is_empty(), "{:?}", problems(&s));
+        let t = routes_of(&s, "mesh", "ingress/http");
+        assert_eq!(t["x.example.com"], pairs(&[("/foo/*", "ns/b/http"), ("/foo/*", "ns/a/http"), ("/*", "404")]));
+    }
+    // Across Ingresses too, whichever is older.
+    for (foo, foo_slash) in
+        [("2024-01-01T00:00:00Z", "2025-01-01T00:00:00Z"), ("2025-01-01T00:00:00Z", "2024-01-01T00:00:00Z")]
+    {
+        let one = |name: &str, created: &str, p: &str, svc: &str| {
+            ingress(
+                name,
+                created,
+                json!({"ingressClassName": "mesh", "rules": [rule(Some("x.example.com"), vec![path(p, "Prefix", svc, json!("http"))])]}),
+            )
+        };
+        let s = snap(with(
+            backends(),
+            vec![mesh_class(), one("foo", foo, "/foo", "a"), one("slash", foo_slash, "/foo/", "b")],
+        ));
+        assert!(problems(&s).is_empty(), "{:?}", problems(&s));
+        let t = routes_of(&s, "mesh", "ingress/http");
+        assert_eq!(t["x.example.com"][0], ("/foo/*".to_owned(), "ns/b/http".to_owned()));
+    }
+}
+
+#[test]
+fn each_node_proxy_is_sent_its_own_nodes_zone_and_follows_the_label() {
+    let node = |name: &str, zone: Option<&str>| {
+        let labels = zone.map_or(json!({}), |z| json!({"topology.kubernetes.io/zone": z}));
+        obj(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}))
+    };
+    let zone_of = |r: &RoleSnapshot, node: &str| -> Option<String> {
+        let name = xds_proto::names::node_locality(node);
+        let res = r.get(ResourceType::ClusterLoadAssignment).get(&name)?;
+        let cla = ClusterLoadAssignment::decode(&res.body[..]).unwrap();
+        assert!(cla.endpoints.iter().all(|l| l.lb_endpoints.is_empty()), "no endpoints in a node locality");
+        let l = cla.endpoints[0].locality.clone().unwrap();
+        assert_eq!(l.sub_zone, node);
+        Some(l.zone)
+    };
+    let mut st = store(web());
+    let mut t = Translator::new(Options::default());
+    t.full(&st);
+    let ch = st.apply(node("n1", Some("z1")));
+    t.update(&st, &ch);
+    let ch = st.apply(node("n2", Some("z2")));
+    t.update(&st, &ch);
+    let ch = st.apply(node("n3", None));
+    t.update(&st, &ch);
+    let s = t.snapshot().clone();
+    let n1 = s.for_client(&Role::Proxy, "n1");
+    assert_eq!(zone_of(&n1, "n1").as_deref(), Some("z1"));
+    assert_eq!(zone_of(&n1, "n2"), None, "only its own node");
+    assert_eq!(zone_of(&s.for_client(&Role::Proxy, "n2"), "n2").as_deref(), Some("z2"));
+    assert_eq!(zone_of(&s.for_client(&Role::Proxy, "n3"), "n3"), None, "no label, nothing sent");
+    assert_eq!(
+        n1.get(ResourceType::ClusterLoadAssignment).len(),
+        s.proxy.get(ResourceType::ClusterLoadAssignment).len() + 1,
+        "the role's resources plus one"
+    );
+    assert!(s.proxy.get(ResourceType::ClusterLoadAssignment).keys().all(|n| !n.starts_with("node/")));
+    let ingress = s.for_client(&Role::Ingress { class: "mesh".into() }, "n1");
+    assert!(ingress.get(ResourceType::ClusterLoadAssignment).is_empty(), "an ingress gets no node locality");
+
+    // The label changes, then goes.
+    let ch = st.apply(node("n1", Some("z9")));
+    t.update(&st, &ch);
+    assert_eq!(zone_of(&t.snapshot().for_client(&Role::Proxy, "n1"), "n1").as_deref(), Some("z9"));
+    let ch = st.apply(node("n1", None));
+    t.update(&st, &ch);
+    assert_eq!(zone_of(&t.snapshot().for_client(&Role::Proxy, "n1"), "n1"), None);
+    assert_eq!(t.snapshot().nodes, translate(&st, &Options::default()).nodes, "incremental = full");
 }

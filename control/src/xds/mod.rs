@@ -10,8 +10,13 @@
 //! A client says who it is in its first request's `node`: `metadata.role` is `proxy` or `ingress` (with
 //! `metadata.ingressClass`, default `mesh`); it gets only its role's resources. Nothing is sent before the
 //! sources have loaded: a stream waits for the first snapshot.
+//!
+//! A node proxy (`node.id` = its node name) also gets its own Node's locality (`node/{name}`, see
+//! `xds_proto::names::node_locality`), so it learns its zone without being told. The same port serves
+//! `mesh.v1.Inspect` ([`inspect`]): the problem list, for `meshctl routes --control`.
 
 pub mod delta;
+pub mod inspect;
 pub mod sotw;
 
 use std::collections::BTreeMap;
@@ -279,6 +284,7 @@ impl XdsServer {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| XdsError::Bind { addr, source })?;
         let bound = listener.local_addr().map_err(|source| XdsError::Bind { addr, source })?;
         let tls_cfg = self.cfg.tls.clone();
+        let inspect = inspect::InspectServer::new(self.snapshots.clone());
         let svc = AggregatedDiscoveryServiceServer::new(self)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(256 << 20);
@@ -297,6 +303,7 @@ impl XdsServer {
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)))
                 .add_service(svc)
+                .add_service(inspect)
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { shutdown.wait().await })
                 .await;
             if let Err(e) = result {
@@ -487,7 +494,8 @@ impl XdsServer {
                 }
             };
             let guard = server.register(&node, &role, M::NAME, peer);
-            let current = |w: &watch::Receiver<Option<Arc<Snapshot>>>| w.borrow().as_ref().map(|s| s.role(&role));
+            let current =
+                |w: &watch::Receiver<Option<Arc<Snapshot>>>| w.borrow().as_ref().map(|s| s.for_client(&role, &node.id));
             let mut snap = current(&snapshots);
             snapshots.borrow_and_update();
             let mut req = Some(first);
