@@ -52,10 +52,8 @@ pub const USER_AGENT: &str = "mesh";
 pub const NODE_META_ROLE: &str = "role";
 /// `node.metadata` key naming the IngressClass an ingress proxy serves.
 pub const NODE_META_INGRESS_CLASS: &str = "ingressClass";
-/// [`NODE_META_ROLE`] of the per-node L4 proxy.
-pub const ROLE_PROXY: &str = "proxy";
-/// [`NODE_META_ROLE`] of the HTTP(S) ingress proxy.
-pub const ROLE_INGRESS: &str = "ingress";
+/// [`NODE_META_ROLE`] values (defined with the other names of the contract).
+pub use crate::names::{ROLE_INGRESS, ROLE_PROXY};
 
 /// The subscription that asks for every resource of a type (Delta); SotW says the same with no names.
 const WILDCARD: &str = "*";
@@ -544,52 +542,46 @@ impl<H: Handler> Core<H> {
     }
 
     async fn stream_delta(&mut self, mut client: AggregatedDiscoveryServiceClient<Channel>) -> Result<(), ClientError> {
-        let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
-        for (i, kind) in self.types.iter().enumerate() {
-            let request = DeltaDiscoveryRequest {
-                node: (i == 0).then(|| self.cfg.node()),
-                type_url: kind.type_url().to_owned(),
-                resource_names_subscribe: vec![WILDCARD.to_owned()],
-                initial_resource_versions: self.state.get(kind).map_or_else(HashMap::new, |s| {
-                    s.resources.iter().map(|(name, e)| (name.clone(), e.version.clone())).collect()
-                }),
-                ..Default::default()
-            };
-            tx.send(request).await.map_err(|_| self.closed())?;
-        }
-        let mut inbound =
-            client.delta_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|s| self.failed(&s))?.into_inner();
-        self.on_connected();
-        loop {
-            if self.stop_when_loaded && self.missing().is_empty() {
-                return Ok(());
-            }
-            let response = match inbound.message().await {
-                Ok(Some(response)) => response,
-                Ok(None) => return Err(self.closed()),
-                Err(status) => return Err(self.failed(&status)),
-            };
-            let reply = self.on_delta(response);
-            tx.send(reply).await.map_err(|_| self.closed())?;
-        }
+        let opening = |core: &Self, first: bool, kind: ResourceType| DeltaDiscoveryRequest {
+            node: first.then(|| core.cfg.node()),
+            type_url: kind.type_url().to_owned(),
+            resource_names_subscribe: vec![WILDCARD.to_owned()],
+            initial_resource_versions: core.state.get(&kind).map_or_else(HashMap::new, |s| {
+                s.resources.iter().map(|(name, e)| (name.clone(), e.version.clone())).collect()
+            }),
+            ..Default::default()
+        };
+        let open = |requests| async move { client.delta_aggregated_resources(requests).await };
+        self.stream(opening, open, Self::on_delta).await
     }
 
     async fn stream_sotw(&mut self, mut client: AggregatedDiscoveryServiceClient<Channel>) -> Result<(), ClientError> {
+        let opening = |core: &Self, first: bool, kind: ResourceType| DiscoveryRequest {
+            node: first.then(|| core.cfg.node()),
+            type_url: kind.type_url().to_owned(),
+            version_info: core.accepted_version(kind),
+            ..Default::default()
+        };
+        let open = |requests| async move { client.stream_aggregated_resources(requests).await };
+        self.stream(opening, open, Self::on_sotw).await
+    }
+
+    /// One stream of either variant: an opening request per subscribed type (the node on the first), then the
+    /// ACK or NACK of each response, until the stream fails (or, for [`fetch_once`], everything is loaded).
+    async fn stream<Req, Resp, Opened>(
+        &mut self,
+        opening: impl Fn(&Self, bool, ResourceType) -> Req,
+        open: impl FnOnce(ReceiverStream<Req>) -> Opened,
+        answer: impl Fn(&mut Self, Resp) -> Req,
+    ) -> Result<(), ClientError>
+    where
+        Opened: Future<Output = Result<tonic::Response<tonic::Streaming<Resp>>, tonic::Status>>,
+    {
         let (tx, rx) = mpsc::channel(REQUEST_QUEUE);
         for (i, kind) in self.types.iter().enumerate() {
-            let request = DiscoveryRequest {
-                node: (i == 0).then(|| self.cfg.node()),
-                type_url: kind.type_url().to_owned(),
-                version_info: self.accepted_version(*kind),
-                ..Default::default()
-            };
-            tx.send(request).await.map_err(|_| self.closed())?;
+            tx.send(opening(self, i == 0, *kind)).await.map_err(|_| self.closed())?;
         }
-        let mut inbound = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| self.failed(&s))?
-            .into_inner();
+        let mut inbound = open(ReceiverStream::new(rx)).await.map_err(|s| self.failed(&s))?.into_inner();
         self.on_connected();
         loop {
             if self.stop_when_loaded && self.missing().is_empty() {
@@ -600,7 +592,7 @@ impl<H: Handler> Core<H> {
                 Ok(None) => return Err(self.closed()),
                 Err(status) => return Err(self.failed(&status)),
             };
-            let reply = self.on_sotw(response);
+            let reply = answer(self, response);
             tx.send(reply).await.map_err(|_| self.closed())?;
         }
     }

@@ -25,6 +25,10 @@ pub const TRAFFIC_POLICY: &str = "trafficPolicy";
 pub const HEALTH_CHECK_NODE_PORT: &str = "healthCheckNodePort";
 /// Cluster: `sessionAffinity: ClientIP` timeout in seconds; absent when there is no affinity.
 pub const AFFINITY_TIMEOUT_SECONDS: &str = "affinityTimeoutSeconds";
+/// The affinity timeout when a Service sets none (Kubernetes' default `timeoutSeconds`, 3 hours); also what a
+/// node proxy assumes for a RING_HASH Cluster without [`AFFINITY_TIMEOUT_SECONDS`] (e.g. from another control
+/// plane).
+pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 /// Cluster: `internalTrafficPolicy`.
 pub const INTERNAL_TRAFFIC_POLICY: &str = "internalTrafficPolicy";
 /// Cluster: `externalTrafficPolicy`.

@@ -11,6 +11,39 @@ pub const INGRESS_HTTP: &str = "ingress/http";
 /// Listener and RouteConfiguration of the ingress proxy's TLS port.
 pub const INGRESS_HTTPS: &str = "ingress/https";
 
+/// `node.metadata.role` of the per-node L4 proxy (also a snapshot file's role).
+pub const ROLE_PROXY: &str = "proxy";
+/// `node.metadata.role` of the HTTP(S) ingress proxy (a snapshot file says `ingress/{class}`: [`file_role`]).
+pub const ROLE_INGRESS: &str = "ingress";
+
+/// Whom a snapshot file (`meshctl snapshot`) or a `/config_dump` role entry is for: `proxy`, or
+/// `ingress/{class}` for the ingress proxies of one IngressClass.
+pub fn file_role(ingress_class: Option<&str>) -> String {
+    match ingress_class {
+        None => ROLE_PROXY.to_owned(),
+        Some(class) => format!("{ROLE_INGRESS}/{class}"),
+    }
+}
+
+/// Whether a snapshot file's role is for the ingress proxy of `class`: `ingress/{class}`, or a bare `ingress`
+/// (older files, for any class).
+pub fn is_ingress_file_role(role: &str, class: &str) -> bool {
+    match role.split_once('/') {
+        None => role == ROLE_INGRESS,
+        Some((r, c)) => r == ROLE_INGRESS && c == class,
+    }
+}
+
+/// The body of the 404 a route table answers when no Ingress rule matches (a `direct_response` of the
+/// catch-all route mesh-control sends, and what mesh-ingress answers with no route at all).
+pub const NOT_FOUND_BODY: &str = "404 page not found: no Ingress rule matches this host and path\n";
+
+/// Prefix of every Service listener's name (see [`service_listener_name`]); a node proxy serves only these.
+pub const SERVICE_LISTENER_PREFIX: &str = "svc/";
+
+/// The `@…` of a NodePort listener's name.
+const AT_NODE_PORT: &str = "nodeport";
+
 /// Prefix of the per-node ClusterLoadAssignment (see [`node_locality`]).
 pub const NODE_PREFIX: &str = "node/";
 
@@ -74,14 +107,14 @@ impl fmt::Display for ListenerAt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ListenerAt::Ip(ip) => write!(f, "{ip}"),
-            ListenerAt::NodePort => f.write_str("nodeport"),
+            ListenerAt::NodePort => f.write_str(AT_NODE_PORT),
         }
     }
 }
 
 /// Listener of one Service port at one address: `svc/{ns}/{name}/{port}@{ip|nodeport}`.
 pub fn service_listener_name(namespace: &str, service: &str, port: &PortKey, at: ListenerAt) -> String {
-    format!("svc/{namespace}/{service}/{port}@{at}")
+    format!("{SERVICE_LISTENER_PREFIX}{namespace}/{service}/{port}@{at}")
 }
 
 /// The parts of a Service listener name.
@@ -99,7 +132,7 @@ pub struct ServiceListenerName {
 
 /// Splits a name made by [`service_listener_name`]; `None` for any other name.
 pub fn parse_service_listener_name(name: &str) -> Option<ServiceListenerName> {
-    let rest = name.strip_prefix("svc/")?;
+    let rest = name.strip_prefix(SERVICE_LISTENER_PREFIX)?;
     let (path, at) = rest.rsplit_once('@')?;
     let mut parts = path.splitn(3, '/');
     let namespace = parts.next()?.to_owned();
@@ -108,7 +141,7 @@ pub fn parse_service_listener_name(name: &str) -> Option<ServiceListenerName> {
     if namespace.is_empty() || service.is_empty() || port.is_empty() {
         return None;
     }
-    let at = if at == "nodeport" { ListenerAt::NodePort } else { ListenerAt::Ip(at.parse().ok()?) };
+    let at = if at == AT_NODE_PORT { ListenerAt::NodePort } else { ListenerAt::Ip(at.parse().ok()?) };
     Some(ServiceListenerName { namespace, service, port, at })
 }
 
@@ -131,6 +164,17 @@ mod tests {
         assert_eq!(service_listener_name("shop", "web", &p, ListenerAt::Ip(ip)), "svc/shop/web/http@10.96.0.10");
         assert_eq!(service_listener_name("shop", "web", &p, ListenerAt::NodePort), "svc/shop/web/http@nodeport");
         assert_eq!(secret_name("shop", "tls"), "shop/tls");
+        assert_eq!(file_role(None), "proxy");
+        assert_eq!(file_role(Some("mesh")), "ingress/mesh");
+    }
+
+    #[test]
+    fn ingress_file_roles_name_their_class() {
+        assert!(is_ingress_file_role(&file_role(Some("mesh")), "mesh"));
+        assert!(is_ingress_file_role("ingress", "other"), "a bare role is for any class");
+        assert!(!is_ingress_file_role("ingress/mesh", "other"));
+        assert!(!is_ingress_file_role("proxy", "mesh"));
+        assert!(!is_ingress_file_role("proxy/mesh", "mesh"));
     }
 
     #[test]
