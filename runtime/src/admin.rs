@@ -332,7 +332,7 @@ async fn accept_loop(listener: TcpListener, admin: Admin, shutdown: Shutdown) {
                     tracing::warn!(%error, "admin server cannot accept a connection");
                     tokio::select! {
                         _ = shutdown.wait() => break,
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = crate::accept::pause_after(&error) => {}
                     }
                 }
             },

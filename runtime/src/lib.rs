@@ -10,7 +10,10 @@
 //! registry (with process metrics every binary gets for free), `/config_dump` and extra JSON routes from app
 //! callbacks, and `/logging` on the [`telemetry::ReloadHandle`].
 
+pub mod accept;
 pub mod admin;
+pub mod dataplane;
+pub mod endpoint;
 pub mod memory;
 pub mod metrics;
 pub mod shutdown;

@@ -11,11 +11,13 @@
 //! from this: `main` awaits [`signal`], calls [`Shutdown::trigger`], listeners stop on [`Shutdown::wait`],
 //! and `main` bounds the rest with `tokio::time::timeout`.
 
+use std::error::Error;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
+use tracing::{info, warn};
 
 use crate::RuntimeError;
 
@@ -216,6 +218,51 @@ impl Drop for Tracked {
         if self.0.open.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+/// Why `main` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The signal handlers could not be installed.
+    #[error(transparent)]
+    Signals(#[from] RuntimeError),
+    /// The binary could not start.
+    #[error("starting {what}")]
+    Start {
+        /// The binary.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn Error + Send + Sync>,
+    },
+}
+
+/// `main`'s tail in every binary. SIGTERM and Ctrl-C are caught from before `build` runs (a stop during
+/// start-up is still a clean stop); once built, the line `banner` makes is printed to stdout (what supervisors
+/// and tests wait for); on the first signal, `stop` (the binary's drain) runs to completion.
+pub async fn run_until_signal<A, E>(
+    what: &'static str,
+    build: impl Future<Output = Result<A, E>>,
+    banner: impl FnOnce(&A) -> String,
+    stop: impl AsyncFnOnce(A),
+) -> Result<(), RunError>
+where
+    E: Error + Send + Sync + 'static,
+{
+    let mut signals = Signals::new()?;
+    let app = build.await.map_err(|e| RunError::Start { what, source: Box::new(e) })?;
+    println!("{}", banner(&app));
+    let signal = signals.recv().await?;
+    info!(?signal, "stopping");
+    stop(app).await;
+    Ok(())
+}
+
+/// Logs what a drain left behind: connections still open at its deadline (closed now).
+pub fn report_drain(left: usize) {
+    if left > 0 {
+        warn!(left, "drain deadline passed with connections still open; closing them");
     }
 }
 
