@@ -7,11 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mesh_runtime::{Admin, AdminError, AdminServer, Metrics, ReloadHandle, Shutdown};
+pub use mesh_runtime::dataplane::Source;
+use mesh_runtime::dataplane::{self, AdminShell, ShellError};
+use mesh_runtime::{Admin, ReloadHandle, Shutdown};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{info, warn};
-use xds_proto::client::{self, ClientConfig, ClientError, ClientHandle, Protocol};
+use xds_proto::client::{self, ClientConfig, ClientHandle};
 
 use crate::balance::Locality;
 use crate::config::{self, ConfigError, NEEDED, XdsHandler};
@@ -23,29 +25,12 @@ use crate::table::{ListenKey, Table};
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    /// The admin server could not start.
+    /// The admin server or the xDS client could not start.
     #[error(transparent)]
-    Admin(#[from] AdminError),
+    Shell(#[from] ShellError),
     /// The snapshot file could not be loaded.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The control plane address is unusable.
-    #[error(transparent)]
-    Client(#[from] ClientError),
-}
-
-/// Where the configuration comes from.
-#[derive(Debug, Clone)]
-pub enum Source {
-    /// A control plane (`http://host:port`), over ADS.
-    Xds {
-        /// The endpoint.
-        endpoint: String,
-        /// Delta or SotW.
-        protocol: Protocol,
-    },
-    /// A snapshot file written by `meshctl snapshot --role proxy`.
-    File(PathBuf),
 }
 
 /// How to run the proxy.
@@ -144,27 +129,25 @@ fn config_dump(shared: &Shared) -> serde_json::Value {
     let versions: serde_json::Map<String, serde_json::Value> =
         t.versions.iter().map(|(k, v)| (k.short().to_owned(), json!(v))).collect();
     let zone_source = if shared.here.zone.is_some() { "--zone" } else { "Node label via mesh-control" };
+    let fresh = shared.freshness.report();
+    let freshness = json!({"healthy": fresh.healthy, "current": fresh.current,
+        "lastCurrentSecondsAgo": fresh.last_current_ago.map(|d| d.as_secs())});
     json!({"node": shared.here.node, "zone": shared.here.at(&t).zone, "zoneSource": zone_source, "versions": versions, "listeners": listeners,
-        "clusters": clusters, "openConnections": shared.conns.open()})
+        "clusters": clusters, "openConnections": shared.conns.open(), "configuration": freshness})
 }
 
 /// Starts the proxy.
 pub async fn build(cfg: Config) -> Result<App, AppError> {
     let metrics = ProxyMetrics::default();
-    let registry = Metrics::new();
-    registry.with_registry(|r| metrics.register(r));
     let shared = Shared::new(Locality { node: cfg.node.clone(), zone: cfg.zone.clone() }, cfg.data.clone(), metrics);
     let dump = {
         let shared = shared.clone();
         Arc::new(move || config_dump(&shared))
     };
-    let mut admin = Admin::builder().metrics(registry).config_dump(dump);
-    if let Some(l) = cfg.logging.clone() {
-        admin = admin.logging(l);
-    }
-    let admin = admin.build()?;
-    let stop_admin = Shutdown::new();
-    let (admin_addr, _) = AdminServer::serve(cfg.admin_addr, admin.clone(), stop_admin.clone()).await?;
+    let shell = AdminShell::start(cfg.admin_addr, |r| shared.metrics.register(r), dump, cfg.logging.clone())
+        .await
+        .map_err(ShellError::from)?;
+    let AdminShell { admin, addr: admin_addr, stop: stop_admin } = shell;
 
     let (changes_tx, changes_rx) = watch::channel(0u64);
     let mut saver = None;
@@ -176,6 +159,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
             }
             changes_tx.send_modify(|g| *g += 1);
             admin.readiness().set_ready(true);
+            shared.freshness.set_current();
             info!(file = %path.display(), "serving from a snapshot file");
             None
         }
@@ -186,7 +170,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
             c.keep_bodies = false;
             if let Err(e) = c.validate() {
                 stop_admin.trigger();
-                return Err(e.into());
+                return Err(ShellError::from(e).into());
             }
             let mut handler = XdsHandler::new(shared.clone(), changes_tx.clone());
             if let Some(dir) = &cfg.state_dir {
@@ -204,6 +188,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                         shared.metrics.config_updates.inc();
                         changes_tx.send_modify(|g| *g += 1);
                         admin.readiness().set_ready(true);
+                        shared.freshness.set_saved(written);
                         state
                     }
                     Ok(None) => {
@@ -221,16 +206,18 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                 handler = handler.saving(s.clone(), types);
                 saver = Some(s);
             }
-            let handle = client::spawn(c, handler);
-            // Ready once every type the proxy needs has been accepted once; empty is an answer too.
-            let mut status = handle.status();
-            let readiness = admin.readiness().clone();
-            tokio::spawn(async move {
-                if status.wait_for(|s| s.is_loaded(&NEEDED)).await.is_ok() {
-                    readiness.set_ready(true);
-                    info!("configuration loaded: ready");
+            // Ready once every type the proxy needs has been accepted once. Current (healthy) while connected
+            // with every needed type accepted; stale some time after the stream is lost (see health::Freshness).
+            let fresh = shared.clone();
+            let on_status = move |s: &client::ClientStatus| {
+                if s.connected && s.is_loaded(&NEEDED) {
+                    fresh.freshness.set_current();
+                } else if !s.connected {
+                    fresh.freshness.set_disconnected();
                 }
-            });
+            };
+            let handle = dataplane::spawn_xds(c, handler, admin.readiness().clone(), &NEEDED, on_status)
+                .map_err(ShellError::from)?;
             Some(handle)
         }
     };

@@ -13,11 +13,12 @@
 //! 6. Otherwise least-connections by the power of two random choices (or round-robin, if configured).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::table::{Cluster, Distribution, Endpoint, EndpointStats, Health, Table, now_ms};
+use mesh_runtime::endpoint::two_choices;
+
+use crate::table::{Cluster, Distribution, Endpoint, Health, Table, now_ms};
 
 /// How to pick among equal candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,10 +31,7 @@ pub enum Algorithm {
     RoundRobin,
 }
 
-/// Connect failures in a row that eject an endpoint.
-pub const EJECT_AFTER_FAILURES: u32 = 3;
-/// How long an ejection lasts.
-pub const EJECT_FOR: Duration = Duration::from_secs(10);
+pub use mesh_runtime::endpoint::{EJECT_AFTER_FAILURES, EJECT_FOR, InFlight};
 
 /// Who the proxy is, for Local policies and topology.
 #[derive(Debug, Clone, Default)]
@@ -161,55 +159,18 @@ fn pick<'a>(cluster: &Cluster, open: &[&'a Endpoint], algorithm: Algorithm) -> &
             open[i % open.len()]
         }
         Algorithm::LeastConnections => {
-            let a = fastrand::usize(..open.len());
-            let mut b = fastrand::usize(..open.len() - 1);
-            if b >= a {
-                b += 1;
-            }
+            let (a, b) = two_choices(open.len());
             let (ea, eb) = (open[a], open[b]);
-            if eb.stats.active.load(Ordering::Relaxed) < ea.stats.active.load(Ordering::Relaxed) { eb } else { ea }
+            if eb.stats.in_flight() < ea.stats.in_flight() { eb } else { ea }
         }
-    }
-}
-
-/// Counts a connection (or flow) on an endpoint while it lives.
-#[derive(Debug)]
-pub struct Active(Arc<EndpointStats>);
-
-impl Active {
-    /// Starts counting.
-    pub fn new(stats: &Arc<EndpointStats>) -> Self {
-        stats.active.fetch_add(1, Ordering::Relaxed);
-        Active(stats.clone())
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Records a failed connect; returns true when this failure ejected the endpoint.
-pub fn failed(stats: &EndpointStats) -> bool {
-    let n = stats.failures.fetch_add(1, Ordering::Relaxed) + 1;
-    if n >= EJECT_AFTER_FAILURES {
-        stats.failures.store(0, Ordering::Relaxed);
-        stats.ejected_until_ms.store(now_ms() + EJECT_FOR.as_millis() as u64, Ordering::Relaxed);
-        return true;
-    }
-    false
-}
-
-/// Records a successful connect.
-pub fn succeeded(stats: &EndpointStats) {
-    if stats.failures.load(Ordering::Relaxed) != 0 {
-        stats.failures.store(0, Ordering::Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use super::*;
     use crate::table::Endpoint;
     use xds_proto::types::ResourceType;
@@ -409,11 +370,11 @@ mod tests {
             ep("10.0.0.2:80", Health::Ready, "n1", "", &[]),
         ]);
         let e1 = &c.endpoints[0];
-        assert!(!failed(&e1.stats) && !failed(&e1.stats));
-        assert!(failed(&e1.stats), "the third failure in a row ejects");
+        assert!(!e1.stats.connect_failed() && !e1.stats.connect_failed());
+        assert!(e1.stats.connect_failed(), "the third failure in a row ejects");
         assert_eq!(addrs(&candidates(&c, false, here("n1", None))), ["10.0.0.2:80"]);
         for _ in 0..EJECT_AFTER_FAILURES {
-            failed(&c.endpoints[1].stats);
+            c.endpoints[1].stats.connect_failed();
         }
         assert_eq!(candidates(&c, false, here("n1", None)).len(), 2, "all ejected: try them all rather than none");
     }
@@ -424,7 +385,7 @@ mod tests {
             ep("10.0.0.1:80", Health::Ready, "n1", "", &[]),
             ep("10.0.0.2:80", Health::Ready, "n1", "", &[]),
         ]);
-        let _busy: Vec<Active> = (0..5).map(|_| Active::new(&c.endpoints[0].stats)).collect();
+        let _busy: Vec<InFlight> = (0..5).map(|_| InFlight::new(&c.endpoints[0].stats)).collect();
         let cands = candidates(&c, false, here("n1", None));
         for _ in 0..50 {
             let e = choose(&c, &cands, "10.1.0.1".parse().unwrap(), &[], Algorithm::LeastConnections).unwrap();

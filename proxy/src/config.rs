@@ -7,44 +7,19 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
+use mesh_runtime::dataplane::{self, ConfigTable, SnapshotError};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 use xds_proto::client::{Handler, Update};
-use xds_proto::snapshot_file::{self, SnapshotFileError};
+use xds_proto::names;
 use xds_proto::types::ResourceType;
 
 use crate::saved::Saver;
 use crate::state::Shared;
-use crate::table::TableError;
+use crate::table::{Table, TableError};
 
 /// Why a snapshot file could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file is not a snapshot, or a resource in it is malformed.
-    #[error("snapshot file {path}: {source}")]
-    File {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        source: SnapshotFileError,
-    },
-    /// The file was written for another role.
-    #[error("snapshot file {path} is for role {role:?}; mesh-proxy needs one written with --role proxy")]
-    Role {
-        /// The file.
-        path: String,
-        /// Its role.
-        role: String,
-    },
-    /// A resource cannot be served.
-    #[error("snapshot file {path}: {source}")]
-    Resource {
-        /// The file.
-        path: String,
-        /// The resource and why.
-        source: TableError,
-    },
-}
+pub type ConfigError = SnapshotError<TableError>;
 
 /// The types a node proxy needs before it is ready.
 pub const NEEDED: [ResourceType; 3] =
@@ -79,7 +54,6 @@ impl XdsHandler {
 impl Handler for XdsHandler {
     fn apply(&mut self, u: &Update) -> Result<(), String> {
         let current = self.shared.table.load();
-        let get = |name: &str| u.resources.get(name).map(|e| &e.body[..]);
         let replacing = self.replace.contains(&u.kind);
         let removed: Vec<String> = if replacing {
             // The first answer after a saved start is the type's whole state: whatever the table has that the
@@ -91,7 +65,7 @@ impl Handler for XdsHandler {
         } else {
             u.removed.clone()
         };
-        match current.apply(u.kind, get, &u.changed, &removed, &u.version) {
+        match dataplane::next_table(&**current, u, &removed) {
             Ok(next) => {
                 self.shared.table.store(Arc::new(next));
                 self.shared.metrics.config_updates.inc();
@@ -115,48 +89,42 @@ impl Handler for XdsHandler {
                 }
                 Ok(())
             }
-            Err(e) => {
+            Err(reason) => {
                 self.shared.metrics.config_rejections.inc();
-                warn!(r#type = %u.kind, version = %u.version, "rejecting the update, keeping the table in force: {e}");
-                Err(e.to_string())
+                Err(reason)
             }
         }
     }
 
     fn connected(&mut self, connected: bool) {
-        if connected {
-            info!("connected to the control plane");
-        } else {
-            warn!("disconnected from the control plane; serving the last accepted table");
-        }
+        dataplane::log_connected(connected);
     }
 }
 
 /// Loads a snapshot file (`meshctl snapshot --role proxy`) into the shared table.
 pub fn load_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
-    let loaded = read_file(path, shared);
-    // Reading JSON needed the Envoy descriptor pool (~8 MiB); the proxy never needs it again.
-    mesh_runtime::memory::release_after_load();
-    loaded
-}
-
-fn read_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
-    let shown = path.display().to_string();
-    let (role, mut by_type) =
-        snapshot_file::read(path).map_err(|source| ConfigError::File { path: shown.clone(), source })?;
-    if role != "proxy" {
-        return Err(ConfigError::Role { path: shown, role });
-    }
-    let mut table = (**shared.table.load()).clone();
-    for kind in ResourceType::ALL {
-        let map = by_type.remove(&kind).unwrap_or_default();
-        let names: Vec<String> = map.keys().cloned().collect();
-        let removed: Vec<String> = Vec::new();
-        table = table
-            .apply(kind, |n| map.get(n).map(|r| &r.body[..]), &names, &removed, "file")
-            .map_err(|source| ConfigError::Resource { path: shown.clone(), source })?;
-    }
+    let wanted = "mesh-proxy needs one written with --role proxy";
+    let table = dataplane::load_snapshot(path, &**shared.table.load(), |role| role == names::ROLE_PROXY, wanted)?;
     shared.table.store(Arc::new(table));
     shared.metrics.config_updates.inc();
     Ok(())
+}
+
+impl ConfigTable for Table {
+    type Error = TableError;
+
+    fn apply<'a>(
+        &self,
+        kind: ResourceType,
+        resources: impl Fn(&str) -> Option<&'a [u8]>,
+        changed: &[String],
+        removed: &[String],
+        version: &str,
+    ) -> Result<Table, TableError> {
+        Table::apply(self, kind, resources, changed, removed, version)
+    }
+
+    fn names(&self, kind: ResourceType) -> Vec<String> {
+        Table::names(self, kind)
+    }
 }

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod copy;
 pub mod health;
 pub mod listeners;
 pub mod netif;

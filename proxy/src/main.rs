@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use mesh_proxy::app::{self, Source};
 use mesh_proxy::balance::Algorithm;
 use mesh_proxy::state::DataConfig;
+use mesh_runtime::shutdown;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Lb {
@@ -51,6 +52,11 @@ struct Args {
     /// How long a UDP flow lives without traffic, in seconds.
     #[arg(long, env = "MESH_UDP_IDLE_S", default_value_t = 30)]
     udp_idle_s: u64,
+    /// How long after losing the control plane the proxy still reports itself healthy on its health check
+    /// ports (`serviceProxyHealthy`, as kube-proxy's healthz), in seconds; then 503, so load balancers stop
+    /// sending to this node.
+    #[arg(long, env = "MESH_STALE_AFTER_S", default_value_t = 60)]
+    stale_after_s: u64,
     /// Put Service addresses on this dummy interface (needs CAP_NET_ADMIN), as kube-proxy's IPVS mode does.
     #[arg(long, env = "MESH_INTERFACE")]
     interface: Option<String>,
@@ -86,11 +92,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
-    let source = match (args.xds, args.snapshot) {
-        (_, Some(path)) => Source::File(path),
-        (Some(endpoint), None) => Source::Xds { endpoint, protocol: args.xds_protocol },
-        (None, None) => anyhow::bail!("give --xds http://ADDR or --snapshot FILE"),
-    };
+    let source = Source::from_flags(args.xds, args.snapshot, args.xds_protocol)?;
     let cfg = app::Config {
         source,
         node: args.node,
@@ -104,21 +106,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             connect_attempts: args.connect_attempts.max(1),
             udp_idle: Duration::from_secs(args.udp_idle_s),
+            stale_after: Duration::from_secs(args.stale_after_s),
         },
         interface: args.interface,
         logging: Some(logging),
         state_dir: args.state_dir,
     };
-    // SIGTERM handled from before the first socket exists: a stop during start-up is still a drain.
-    let mut signals = mesh_runtime::shutdown::Signals::new()?;
-    let app = app::build(cfg).await.context("starting mesh-proxy")?;
-    // One machine-readable line a supervisor or test can wait for.
-    println!("mesh-proxy admin={}", app.admin_addr);
-    let signal = signals.recv().await?;
-    tracing::info!(?signal, "draining");
-    let left = app.drain(Duration::from_secs(args.drain_s)).await;
-    if left > 0 {
-        tracing::warn!(left, "drain deadline passed with connections still open; closing them");
-    }
+    let drain = Duration::from_secs(args.drain_s);
+    shutdown::run_until_signal(
+        "mesh-proxy",
+        app::build(cfg),
+        |app| format!("mesh-proxy admin={}", app.admin_addr),
+        async |app: app::App| shutdown::report_drain(app.drain(drain).await),
+    )
+    .await?;
     Ok(())
 }

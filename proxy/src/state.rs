@@ -12,6 +12,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::balance::{Algorithm, Locality};
+use crate::copy::CopyStats;
+use crate::health::Freshness;
 use crate::table::Table;
 
 /// Labels of per-Service metrics.
@@ -46,6 +48,8 @@ pub struct ProxyMetrics {
     pub config_rejections: Counter,
     /// Addresses listened on.
     pub listeners: Gauge,
+    /// What the byte-copy engine did (splice used, splice unavailable).
+    pub copy: CopyStats,
 }
 
 impl ProxyMetrics {
@@ -73,6 +77,12 @@ impl ProxyMetrics {
         r.register("proxy_config_updates", "Accepted configuration updates", self.config_updates.clone());
         r.register("proxy_config_rejections", "Rejected configuration updates (NACKs)", self.config_rejections.clone());
         r.register("proxy_listeners", "Addresses listened on", self.listeners.clone());
+        r.register("proxy_splice_directions", "Connection directions moved with splice(2)", self.copy.spliced.clone());
+        r.register(
+            "proxy_splice_fallbacks",
+            "Connection directions that fell back to a userspace copy because splice(2) was unavailable",
+            self.copy.splice_fallbacks.clone(),
+        );
     }
 
     /// The labels for a Service.
@@ -152,6 +162,9 @@ pub struct DataConfig {
     pub connect_attempts: usize,
     /// How long a UDP flow lives without traffic.
     pub udp_idle: Duration,
+    /// How long after losing the control plane the proxy still reports itself healthy (see
+    /// [`crate::health::Freshness`]).
+    pub stale_after: Duration,
 }
 
 impl Default for DataConfig {
@@ -161,6 +174,7 @@ impl Default for DataConfig {
             connect_timeout: Duration::from_secs(2),
             connect_attempts: 3,
             udp_idle: Duration::from_secs(30),
+            stale_after: crate::health::STALE_AFTER,
         }
     }
 }
@@ -178,12 +192,22 @@ pub struct Shared {
     pub metrics: ProxyMetrics,
     /// Open connections, for drain.
     pub conns: Arc<ConnTracker>,
+    /// Whether the configuration is current (the health check ports' `serviceProxyHealthy`).
+    pub freshness: Freshness,
 }
 
 impl Shared {
     /// A new shared state with an empty table.
     pub fn new(here: Locality, cfg: DataConfig, metrics: ProxyMetrics) -> Arc<Self> {
-        Arc::new(Shared { table: ArcSwap::from_pointee(Table::default()), here, cfg, metrics, conns: Arc::default() })
+        let freshness = Freshness::new(cfg.stale_after);
+        Arc::new(Shared {
+            table: ArcSwap::from_pointee(Table::default()),
+            here,
+            cfg,
+            metrics,
+            conns: Arc::default(),
+            freshness,
+        })
     }
 }
 

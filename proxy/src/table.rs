@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,16 +107,7 @@ pub enum Health {
     NotReady,
 }
 
-/// What the data path learns about an endpoint, shared across table versions (keyed by cluster and address).
-#[derive(Debug, Default)]
-pub struct EndpointStats {
-    /// Connections (or UDP flows) open to it now.
-    pub active: AtomicU32,
-    /// Connect failures in a row.
-    pub failures: AtomicU32,
-    /// Ejected until this many milliseconds after the process started (0: not ejected).
-    pub ejected_until_ms: AtomicU64,
-}
+pub use mesh_runtime::endpoint::{EndpointStats, now_ms};
 
 /// One endpoint of a Cluster. Kept small: a big cluster has a hundred thousand of them.
 #[derive(Debug, Clone)]
@@ -363,7 +354,8 @@ fn cluster_settings(name: &str, body: &[u8]) -> Result<ClusterSettings, TableErr
     let distribution = Distribution::parse(meta::get_str(md, meta::TRAFFIC_DISTRIBUTION));
     if affinity.is_none() && c.lb_policy == LbPolicy::RingHash as i32 {
         // Envoy's RING_HASH without our timeout: Kubernetes' default affinity timeout.
-        return Ok(ClusterSettings { affinity: Some(Duration::from_secs(10_800)), distribution });
+        let default = Duration::from_secs(meta::DEFAULT_AFFINITY_TIMEOUT_SECONDS.into());
+        return Ok(ClusterSettings { affinity: Some(default), distribution });
     }
     Ok(ClusterSettings { affinity, distribution })
 }
@@ -482,7 +474,7 @@ impl Table {
                 }
                 for name in changed {
                     let Some(body) = resources(name) else { continue };
-                    if !name.starts_with("svc/") {
+                    if !name.starts_with(names::SERVICE_LISTENER_PREFIX) {
                         // Not a Service address (e.g. an ingress listener): not ours to serve.
                         continue;
                     }
@@ -628,21 +620,67 @@ impl Table {
     }
 }
 
-/// Milliseconds since the process started: a cheap monotonic clock for ejections.
-pub fn now_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
+/// Tables for the tests of the data path.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
 
-impl EndpointStats {
-    /// Whether it is ejected now.
-    pub fn ejected(&self, now_ms: u64) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms
+    /// One Service `ns/web` listening on `key` (cluster `ns/web/80`), its ready endpoints `eps` all on node
+    /// `n1`. With a `health_check_node_port` it is a NodePort with `externalTrafficPolicy: Local`, else a
+    /// ClusterIP.
+    pub(crate) fn web(key: ListenKey, eps: &[SocketAddr], health_check_node_port: Option<u16>) -> Table {
+        let endpoints = eps
+            .iter()
+            .map(|&addr| Endpoint {
+                addr,
+                health: Health::Ready,
+                place: Placement::interned::<&str>("n1", "", &[]),
+                stats: Arc::default(),
+            })
+            .collect();
+        let local = health_check_node_port.is_some();
+        let kind = if local { AddressKind::NodePort } else { AddressKind::ClusterIp };
+        let l = ServiceListener {
+            name: format!("svc/ns/web/80@{}", key.addr.ip()),
+            keys: vec![key],
+            service: "ns/web".into(),
+            kind,
+            local_only: local,
+            health_check_node_port,
+            cluster: "ns/web/80".into(),
+        };
+        one_service(l, endpoints, None)
+    }
+
+    /// A table with one Service: `listener` (on its `keys[0]`) and its cluster of `endpoints` (sorted by
+    /// address, as the converter keeps them).
+    pub(crate) fn one_service(
+        listener: ServiceListener,
+        mut endpoints: Vec<Endpoint>,
+        affinity: Option<Duration>,
+    ) -> Table {
+        endpoints.sort_by_key(|e| e.addr);
+        let c = Cluster {
+            name: listener.cluster.clone(),
+            affinity,
+            distribution: Default::default(),
+            endpoints: endpoints.into(),
+            affinity_map: Arc::default(),
+            rr: Arc::default(),
+        };
+        let l = Arc::new(listener);
+        let mut t = Table::default();
+        t.listeners.insert(l.name.clone(), l.clone());
+        t.by_key.insert(l.keys[0], l);
+        t.clusters.insert(c.name.clone(), Arc::new(c));
+        t
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     #[test]

@@ -11,46 +11,22 @@
 //!   `ECONNRESET` on its first read or write instead of `ECONNREFUSED` from `connect`.
 //! - **Retry only before the first byte.** A failed or timed-out connect is retried on another endpoint: nothing
 //!   has been read from the client yet, so nothing can be lost or sent twice.
-//! - **Half-close is forwarded.** When one side finishes sending (EOF), the other side's write half is shut down
-//!   and the other direction keeps flowing (request, `shutdown(WR)`, response is a common protocol shape). An
-//!   error (a reset) on either side ends both, and both peers get a reset, so neither mistakes a cut stream for
-//!   a complete one.
-//! - **splice(2) on Linux.** Bytes move socket → pipe → socket inside the kernel, never copied through our
-//!   memory. Each direction fills its pipe only when the pipe is empty, so `EAGAIN` from the filling splice
-//!   always means "the socket has no data" and from the draining splice "the socket's send buffer is full":
-//!   exactly what Tokio's readiness needs to be told. If splice is unavailable (`EINVAL`/`ENOSYS`, or no pipe
-//!   can be made, e.g. out of file descriptors), that direction continues with a plain userspace copy, after
-//!   handing on whatever was already in its pipe. A direction starts in userspace and turns to splice only when
-//!   one read fills its 16 KiB buffer: a short exchange (the common request/reply) never pays for a pipe.
-//! - **SIGPIPE.** A splice into a socket whose peer has gone raises `SIGPIPE` (the kernel does not pass
-//!   `MSG_NOSIGNAL` for splice). Rust's runtime ignores `SIGPIPE` before `main`, so this surfaces as `EPIPE`;
-//!   a binary that changes that disposition must not use this module.
+//! - **Bytes are moved by [`crate::copy`]** (splice(2) on Linux, half-close forwarded, a reset passed on).
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use mesh_runtime::accept;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use crate::balance::{self, EJECT_AFTER_FAILURES, EJECT_FOR};
+use crate::copy::{Mode, pump, reset};
 use crate::state::{CounterCache, ProxyMetrics, ServiceCounters, Shared};
 use crate::table::{Cluster, Endpoint, ListenKey};
-
-/// How long the accept loop pauses after an accept error that would recur at once (out of file descriptors or
-/// memory), so it does not spin while open connections close and free them.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-
-/// Buffer of one direction of the userspace copy.
-const COPY_BUF: usize = 64 * 1024;
-
-/// Buffer of a direction's first, userspace phase. A read that fills it means the sender is streaming, and the
-/// direction turns to splice; a short exchange (a request, a reply) never needs a pipe.
-#[cfg(target_os = "linux")]
-const PROBE_BUF: usize = 16 * 1024;
 
 /// Why a connection could not be served. Logged at debug level (one per connection would flood the logs at
 /// info); the counts are in the metrics.
@@ -145,19 +121,14 @@ pub async fn serve(listener: TcpListener, key: ListenKey, shared: Arc<Shared>) {
                 });
             }
             // The client gave up between the handshake and accept: nothing to do.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset | io::ErrorKind::Interrupted
-                ) =>
-            {
+            Err(e) if accept::client_went_away(&e) => {
                 debug!(listen = %key.addr, error = %e, "accept: client went away");
             }
             Err(e) => {
                 warn!(listen = %key.addr, error = %e, "accept failed; check the open-files limit (ulimit -n)");
                 // Boxed: a timer kept inline would make every idle accept loop larger for the sake of a path
                 // that hardly ever runs.
-                Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)).await;
+                Box::pin(accept::pause_after(&e)).await;
             }
         }
     }
@@ -189,7 +160,7 @@ async fn connection(
             return Err(TcpError::NoEndpoint { service: listener.service.clone(), local_only: listener.local_only });
         }
         match connect(cluster, &cands, peer.ip(), shared, &c).await {
-            Ok((upstream, ep)) => (upstream, ep.addr, c, balance::Active::new(&ep.stats)),
+            Ok((upstream, ep)) => (upstream, ep.addr, c, balance::InFlight::new(&ep.stats)),
             Err(e) => {
                 refuse(client, &c.failed);
                 return Err(e);
@@ -204,11 +175,9 @@ async fn connection(
     c.opened.inc();
     let _open = OpenGauge::new(c.active.clone());
     let (to_endpoint, to_client) = (|n| _ = c.bytes_sent.inc_by(n), |n| _ = c.bytes_received.inc_by(n));
-    pump(client, upstream, Mode::Splice, to_endpoint, to_client).await.map_err(|source| TcpError::Copy {
-        service: c.labels.service.clone(),
-        addr,
-        source,
-    })
+    pump(client, upstream, Mode::Splice, &shared.metrics.copy, to_endpoint, to_client)
+        .await
+        .map_err(|source| TcpError::Copy { service: c.labels.service.clone(), addr, source })
 }
 
 /// Connects to one of `cands`, trying up to `connect_attempts` different endpoints. Records each outcome on
@@ -228,7 +197,7 @@ async fn connect<'a>(
         let Some(ep) = balance::choose(cluster, cands, client, &tried, cfg.algorithm) else { break };
         let err = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(ep.addr)).await {
             Ok(Ok(s)) => {
-                balance::succeeded(&ep.stats);
+                ep.stats.connected();
                 return Ok((s, ep));
             }
             Ok(Err(source)) => TcpError::Connect { addr: ep.addr, source },
@@ -237,7 +206,7 @@ async fn connect<'a>(
         debug!(service, endpoint = %ep.addr, error = %err, "connect failed; trying another endpoint if any");
         tried.push(ep.addr);
         c.connect_failures.inc();
-        if balance::failed(&ep.stats) {
+        if ep.stats.connect_failed() {
             c.ejections.inc();
             warn!(
                 service, endpoint = %ep.addr, error = %err,
@@ -254,13 +223,6 @@ async fn connect<'a>(
 fn refuse(client: TcpStream, failed: &prometheus_client::metrics::counter::Counter) {
     failed.inc();
     reset(&client);
-}
-
-/// Makes the coming close send a RST instead of a FIN.
-fn reset(s: &TcpStream) {
-    if let Err(e) = rustix::net::sockopt::set_socket_linger(s, Some(Duration::ZERO)) {
-        debug!(error = %e, "SO_LINGER not set; the peer sees a FIN instead of a reset");
-    }
 }
 
 /// The `active` gauge, held up while a connection is open (and brought down even if its task is cancelled).
@@ -280,349 +242,9 @@ impl Drop for OpenGauge {
     }
 }
 
-/// How bytes are moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// splice(2) where the OS has it, else userspace.
-    Splice,
-    /// Always through a userspace buffer.
-    Userspace,
-}
-
-/// Copies both ways between `a` and `b` until both directions reached EOF (forwarding each half-close), with
-/// splice(2) on Linux and a userspace copy elsewhere or when splice is unavailable. Returns the bytes moved
-/// `(a → b, b → a)`. On an error (a reset on either side) both are reset and closed.
-pub async fn proxy_streams(a: TcpStream, b: TcpStream) -> io::Result<(u64, u64)> {
-    counted(a, b, Mode::Splice).await
-}
-
-/// [`proxy_streams`] without splice: the fallback path, always through a userspace buffer.
-pub async fn proxy_streams_userspace(a: TcpStream, b: TcpStream) -> io::Result<(u64, u64)> {
-    counted(a, b, Mode::Userspace).await
-}
-
-async fn counted(a: TcpStream, b: TcpStream, mode: Mode) -> io::Result<(u64, u64)> {
-    let (ab, ba) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (to_b, to_a) = (|n| _ = ab.fetch_add(n, Ordering::Relaxed), |n| _ = ba.fetch_add(n, Ordering::Relaxed));
-    pump(a, b, mode, to_b, to_a).await?;
-    Ok((ab.into_inner(), ba.into_inner()))
-}
-
-/// Times splice was unavailable and a direction fell back to the userspace copy, since the process started.
-/// Stays 0 on a Linux kernel with splice; anything else means bytes are being copied through userspace.
-pub fn splice_fallbacks() -> u64 {
-    SPLICE_FALLBACKS.load(Ordering::Relaxed)
-}
-
-static SPLICE_FALLBACKS: AtomicU64 = AtomicU64::new(0);
-
-/// Both directions, each reporting bytes delivered as they go (so metrics of long connections stay current).
-async fn pump(
-    a: TcpStream,
-    b: TcpStream,
-    mode: Mode,
-    a_to_b: impl Fn(u64) + Sync,
-    b_to_a: impl Fn(u64) + Sync,
-) -> io::Result<()> {
-    let r = tokio::try_join!(forward(&a, &b, mode, &a_to_b), forward(&b, &a, mode, &b_to_a));
-    if r.is_err() {
-        reset(&a);
-        reset(&b);
-    }
-    r.map(|_| ())
-}
-
-/// One direction: `src` to `dst` until EOF, then shut down `dst`'s write half.
-async fn forward(src: &TcpStream, dst: &TcpStream, mode: Mode, count: &(impl Fn(u64) + Sync)) -> io::Result<()> {
-    // Short exchanges are cheaper copied than spliced: a pipe costs two descriptors and four syscalls to make
-    // and close, and a splice pair costs more than a read/write pair for a few hundred bytes. So a direction
-    // starts with a small userspace buffer and turns to splice only once a read fills it.
-    #[cfg(target_os = "linux")]
-    let done = mode == Mode::Splice
-        && match copy_until_bulk(src, dst, count).await? {
-            true => true,
-            false => {
-                SPLICED.fetch_add(1, Ordering::Relaxed);
-                splice::forward(src, dst, count).await?
-            }
-        };
-    #[cfg(not(target_os = "linux"))]
-    let done = {
-        let _ = mode;
-        false
-    };
-    if !done {
-        copy(src, dst, count).await?;
-    }
-    match rustix::net::shutdown(dst, rustix::net::Shutdown::Write) {
-        // Not connected: the peer already reset; the other direction reports that.
-        Ok(()) | Err(rustix::io::Errno::NOTCONN) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Copies `src` to `dst` through userspace until EOF (`Ok(true)`) or until one read fills the buffer
-/// (`Ok(false)`: bulk data is flowing; everything read so far has been written).
-#[cfg(target_os = "linux")]
-async fn copy_until_bulk(src: &TcpStream, dst: &TcpStream, count: &impl Fn(u64)) -> io::Result<bool> {
-    // Read into spare capacity (`try_read_buf`): nothing to zero first. Taken on first data, not up front:
-    // many directions carry nothing at all.
-    let mut buf: Option<ProbeBuf> = None;
-    loop {
-        src.readable().await?;
-        let b = &mut buf.get_or_insert_with(ProbeBuf::take).0;
-        b.clear();
-        let n = match src.try_read_buf(b) {
-            Ok(0) => return Ok(true),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        write_all(dst, &b[..n]).await?;
-        count(n as u64);
-        if n == b.capacity() {
-            return Ok(false);
-        }
-    }
-}
-
-/// A first-phase buffer from a per-thread pool, given back when dropped: a 16 KiB allocation and free per
-/// direction per connection cost more than the copy itself at high connection rates (they fall outside the
-/// allocator's small-size caches).
-#[cfg(target_os = "linux")]
-struct ProbeBuf(Vec<u8>);
-
-#[cfg(target_os = "linux")]
-thread_local! {
-    static PROBE_BUFS: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Buffers a thread keeps for reuse (4 MiB at most).
-#[cfg(target_os = "linux")]
-const PROBE_POOL: usize = 256;
-
-#[cfg(target_os = "linux")]
-impl ProbeBuf {
-    fn take() -> Self {
-        ProbeBuf(PROBE_BUFS.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(PROBE_BUF)))
-    }
-}
-
-#[cfg(target_os = "linux")]
-impl Drop for ProbeBuf {
-    fn drop(&mut self) {
-        let v = std::mem::take(&mut self.0);
-        if v.capacity() == PROBE_BUF {
-            // `try_with`: during thread teardown the pool may be gone; the buffer is then simply freed.
-            let _ = PROBE_BUFS.try_with(|p| {
-                let mut p = p.borrow_mut();
-                if p.len() < PROBE_POOL {
-                    p.push(v);
-                }
-            });
-        }
-    }
-}
-
-/// Directions that turned to splice since the process started (the rest stayed in the userspace phase).
-pub fn spliced() -> u64 {
-    SPLICED.load(Ordering::Relaxed)
-}
-
-static SPLICED: AtomicU64 = AtomicU64::new(0);
-
-/// The userspace copy of one direction, until EOF. Works on shared references (readiness-based `try_read` /
-/// `try_write`) so both directions of a connection run in one task without splitting the streams, and a
-/// direction can switch here from splice midway.
-async fn copy(src: &TcpStream, dst: &TcpStream, count: &impl Fn(u64)) -> io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUF];
-    loop {
-        src.readable().await?;
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        write_all(dst, &buf[..n]).await?;
-        count(n as u64);
-    }
-}
-
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-#[cfg(target_os = "linux")]
-mod splice {
-    use std::io;
-    use std::os::fd::OwnedFd;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use rustix::io::Errno;
-    use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_getpipe_size, fcntl_setpipe_size, pipe_with, splice};
-    use tokio::io::Interest;
-    use tokio::net::TcpStream;
-    use tracing::debug;
-
-    use super::{SPLICE_FALLBACKS, write_all};
-
-    /// Asked of one splice into the pipe; the kernel moves at most what fits in the pipe (64 KiB by default).
-    const CHUNK: usize = 1 << 20;
-
-    /// The kernel's default pipe capacity.
-    const DEFAULT_PIPE: usize = 64 * 1024;
-    /// The capacity a spliced direction asks for: four times the default moves a bulk stream with a quarter of
-    /// the splice calls and wake-ups (one iperf3 stream here: 32 → 36-37 Gbit/s, CPU per GB 0.117 → 0.09 s).
-    const PIPE_SIZE: usize = 256 * 1024;
-    /// At most this much pipe capacity beyond the default, over all connections at once. Pipe pages are charged
-    /// to the user (fs.pipe-user-pages-soft, 64 MiB by default, shared with every process of the same uid), and
-    /// a user over it gets tiny pipes everywhere: the proxy takes at most a quarter of it for its larger pipes,
-    /// and the connections beyond that (≈ 85 bulk directions at once) keep the default size.
-    const GROWN_BUDGET: usize = 16 << 20;
-    /// Pipe capacity granted beyond the default, now.
-    static GROWN: AtomicUsize = AtomicUsize::new(0);
-
-    /// Extra capacity given to one pipe, returned to the budget when the pipe goes.
-    struct Grown(usize);
-
-    impl Grown {
-        fn grow(pipe: &OwnedFd) -> Grown {
-            let extra = PIPE_SIZE - DEFAULT_PIPE;
-            if GROWN.fetch_add(extra, Ordering::Relaxed) + extra > GROWN_BUDGET
-                || fcntl_setpipe_size(pipe, PIPE_SIZE).is_err()
-            {
-                GROWN.fetch_sub(extra, Ordering::Relaxed);
-                return Grown(0);
-            }
-            Grown(extra)
-        }
-    }
-
-    impl Drop for Grown {
-        fn drop(&mut self) {
-            GROWN.fetch_sub(self.0, Ordering::Relaxed);
-        }
-    }
-
-    /// splice(2) returns these when it cannot work on these descriptors at all (not a connection problem).
-    fn unsupported(e: &io::Error) -> bool {
-        e.raw_os_error().is_some_and(|c| c == Errno::INVAL.raw_os_error() || c == Errno::NOSYS.raw_os_error())
-    }
-
-    fn fell_back(why: &dyn std::fmt::Display) {
-        SPLICE_FALLBACKS.fetch_add(1, Ordering::Relaxed);
-        debug!(%why, "splice unavailable; copying through userspace");
-    }
-
-    /// Moves `src` to `dst` through a pipe until EOF: `Ok(true)`. `Ok(false)`: splice is unavailable and the
-    /// caller must copy the rest in userspace (any bytes already in the pipe have been delivered).
-    pub(super) async fn forward(src: &TcpStream, dst: &TcpStream, count: &impl Fn(u64)) -> io::Result<bool> {
-        let (pipe_r, pipe_w) = match pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC) {
-            Ok(p) => p,
-            Err(e) => {
-                fell_back(&format_args!("no pipe: {e}"));
-                return Ok(false);
-            }
-        };
-        // A user whose pipe budget is spent (fs.pipe-user-pages-soft) gets pipes of two pages, through which
-        // splice is far slower than a copy: copy instead.
-        if fcntl_getpipe_size(&pipe_w).is_ok_and(|n| n < DEFAULT_PIPE) {
-            fell_back(&"this user's pipe budget is spent (fs.pipe-user-pages-soft): pipes are too small");
-            return Ok(false);
-        }
-        let _grown = Grown::grow(&pipe_w);
-        let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
-        loop {
-            // The pipe is empty here, so EAGAIN can only mean the socket has nothing to read.
-            let filled = src
-                .async_io(Interest::READABLE, || {
-                    splice(src, None, &pipe_w, None, CHUNK, flags).map_err(io::Error::from)
-                })
-                .await;
-            let mut left = match filled {
-                Ok(0) => return Ok(true),
-                Ok(n) => n,
-                Err(e) if unsupported(&e) => {
-                    fell_back(&e);
-                    return Ok(false);
-                }
-                Err(e) => return Err(e),
-            };
-            // The pipe holds `left` bytes, so EAGAIN can only mean the socket's send buffer is full.
-            while left > 0 {
-                let drained = dst
-                    .async_io(Interest::WRITABLE, || {
-                        splice(&pipe_r, None, dst, None, left, flags).map_err(io::Error::from)
-                    })
-                    .await;
-                match drained {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => {
-                        left -= n;
-                        count(n as u64);
-                    }
-                    Err(e) if unsupported(&e) => {
-                        fell_back(&e);
-                        // Hand on what is already in the pipe before the caller copies the rest.
-                        let mut buf = vec![0u8; left];
-                        let mut got = 0;
-                        while got < left {
-                            match rustix::io::read(&pipe_r, &mut buf[got..]) {
-                                Ok(0) | Err(Errno::AGAIN) => break,
-                                Ok(n) => got += n,
-                                Err(e) => return Err(e.into()),
-                            }
-                        }
-                        write_all(dst, &buf[..got]).await?;
-                        count(got as u64);
-                        return Ok(false);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-    }
-
-    #[cfg(test)]
-    mod tests {
-        use super::*;
-
-        /// Larger pipes are granted until the budget is spent, then pipes keep the default size, and every
-        /// grant returns to the budget when its pipe goes. (The budget is process-wide: nextest runs each test in
-        /// its own process.)
-        #[test]
-        fn larger_pipes_stay_within_their_budget() {
-            let fits = GROWN_BUDGET / (PIPE_SIZE - DEFAULT_PIPE);
-            let pipes: Vec<_> = (0..fits + 3).map(|_| pipe_with(PipeFlags::CLOEXEC).expect("a pipe")).collect();
-            let grown: Vec<Grown> = pipes.iter().map(|(_, w)| Grown::grow(w)).collect();
-            assert_eq!(grown.iter().filter(|g| g.0 > 0).count(), fits);
-            assert!(GROWN.load(Ordering::Relaxed) <= GROWN_BUDGET);
-            for ((_, w), g) in pipes.iter().zip(&grown) {
-                let want = if g.0 > 0 { PIPE_SIZE } else { DEFAULT_PIPE };
-                assert_eq!(fcntl_getpipe_size(w).expect("pipe size"), want);
-            }
-            drop(grown);
-            assert_eq!(GROWN.load(Ordering::Relaxed), 0);
-            let again = Grown::grow(&pipes[0].1);
-            assert!(again.0 > 0, "the budget came back");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -630,64 +252,18 @@ mod tests {
     use tokio::task::JoinHandle;
     use tokio::time::timeout;
 
+    use mesh_tests::assert_eventually;
+
     use super::*;
     use crate::balance::{Algorithm, Locality};
+    use crate::copy::tests::{SOON, random, send_and_read, within};
     use crate::state::DataConfig;
     use crate::state::ServiceLabels;
-    use crate::table::{AddressKind, EndpointStats, Health, Protocol, ServiceListener, Table, now_ms};
-
-    /// Bound for what must happen; generous so a loaded machine does not flake.
-    const SOON: Duration = Duration::from_secs(20);
-
-    async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-        timeout(SOON, f).await.unwrap_or_else(|_| panic!("{what}: not done within {SOON:?}"))
-    }
-
-    /// Polls `cond` until it holds, failing after [`SOON`].
-    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-        let deadline = Instant::now() + SOON;
-        while !cond() {
-            assert!(Instant::now() < deadline, "{what}: still false after {SOON:?}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    use crate::table::testing::web;
+    use crate::table::{EndpointStats, Protocol, Table, now_ms};
 
     fn labels() -> ServiceLabels {
         ProxyMetrics::labels("ns/web", false)
-    }
-
-    fn table(key: ListenKey, eps: &[SocketAddr]) -> Table {
-        let l = Arc::new(ServiceListener {
-            name: format!("svc/ns/web/80@{}", key.addr.ip()),
-            keys: vec![key],
-            service: "ns/web".into(),
-            kind: AddressKind::ClusterIp,
-            local_only: false,
-            health_check_node_port: None,
-            cluster: "ns/web/80".into(),
-        });
-        let endpoints: Vec<Endpoint> = eps
-            .iter()
-            .map(|&addr| Endpoint {
-                addr,
-                health: Health::Ready,
-                place: crate::table::Placement::interned::<&str>("n1", "", &[]),
-                stats: Arc::default(),
-            })
-            .collect();
-        let c = Cluster {
-            name: "ns/web/80".into(),
-            affinity: None,
-            distribution: Default::default(),
-            endpoints: endpoints.into(),
-            affinity_map: Arc::default(),
-            rr: Arc::default(),
-        };
-        let mut t = Table::default();
-        t.listeners.insert(l.name.clone(), l.clone());
-        t.by_key.insert(key, l);
-        t.clusters.insert(c.name.clone(), Arc::new(c));
-        t
     }
 
     struct Proxy {
@@ -703,7 +279,7 @@ mod tests {
             let addr = listener.local_addr().unwrap();
             let key = ListenKey { protocol: Protocol::Tcp, addr };
             let shared = Shared::new(Locality { node: "n1".into(), zone: None }, cfg, ProxyMetrics::default());
-            shared.table.store(Arc::new(table(key, eps)));
+            shared.table.store(Arc::new(web(key, eps, None)));
             let task = tokio::spawn(serve(listener, key, shared.clone()));
             Proxy { addr, key, shared, task }
         }
@@ -758,34 +334,6 @@ mod tests {
         l.local_addr().unwrap()
     }
 
-    /// A connected pair on loopback.
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let (c, a) = within("pair", async { tokio::join!(TcpStream::connect(addr), l.accept()) }).await;
-        (c.unwrap(), a.unwrap().0)
-    }
-
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        fastrand::Rng::with_seed(seed).fill(&mut v);
-        v
-    }
-
-    /// Sends `data` on `s` then shuts its write half, while reading everything from it; returns what was read.
-    async fn send_and_read(s: TcpStream, data: Arc<Vec<u8>>) -> Vec<u8> {
-        let (mut r, mut w) = s.into_split();
-        let writer = tokio::spawn(async move {
-            w.write_all(&data).await.unwrap();
-            w.shutdown().await.unwrap();
-            w
-        });
-        let mut got = Vec::new();
-        r.read_to_end(&mut got).await.unwrap();
-        drop(writer.await.unwrap());
-        got
-    }
-
     #[tokio::test]
     async fn traffic_reaches_the_endpoint_and_back() {
         let (ep, accepted) = echo("127.0.0.1", None).await;
@@ -798,7 +346,7 @@ mod tests {
         assert_eq!(p.stats(ep).active.load(Ordering::Relaxed), 1);
         assert_eq!(p.count(|m, l| m.active.get_or_create(l).get() as u64), 1);
         drop(c);
-        eventually("the connection closes", || p.shared.conns.open() == 0).await;
+        assert_eventually!(p.shared.conns.open() == 0, "the connection closes");
         assert_eq!(p.stats(ep).active.load(Ordering::Relaxed), 0);
         assert_eq!(p.count(|m, l| m.opened.get_or_create(l).get()), 1);
         assert_eq!(p.count(|m, l| m.active.get_or_create(l).get() as u64), 0);
@@ -827,7 +375,7 @@ mod tests {
         assert!(active.iter().all(|&n| n >= 5), "uneven spread: {active:?}");
         assert_eq!(p.shared.conns.open(), 30);
         drop(clients);
-        eventually("every connection closes", || p.shared.conns.open() == 0).await;
+        assert_eventually!(p.shared.conns.open() == 0, "every connection closes");
         assert!(eps.iter().all(|e| p.stats(*e).active.load(Ordering::Relaxed) == 0));
     }
 
@@ -849,7 +397,7 @@ mod tests {
         let mut c = p.connect().await;
         let r = within("read after refusal", c.read(&mut [0u8; 16])).await;
         assert_eq!(r.map_err(|e| e.kind()).unwrap_err(), io::ErrorKind::ConnectionReset);
-        eventually("refused connections are not left open", || p.shared.conns.open() == 0).await;
+        assert_eventually!(p.shared.conns.open() == 0, "refused connections are not left open");
     }
 
     #[tokio::test]
@@ -884,7 +432,7 @@ mod tests {
         let mut c = p.connect().await;
         let r = within("read after refusal", c.read(&mut [0u8; 16])).await;
         assert_eq!(r.map_err(|e| e.kind()).unwrap_err(), io::ErrorKind::ConnectionReset);
-        eventually("the refusal is counted", || p.count(|m, l| m.failed.get_or_create(l).get()) == 1).await;
+        assert_eventually!(p.count(|m, l| m.failed.get_or_create(l).get()) == 1, "the refusal is counted");
         // Two endpoints: two attempts, not `connect_attempts` (3).
         assert_eq!(p.count(|m, l| m.connect_failures.get_or_create(l).get()), 2);
     }
@@ -943,7 +491,7 @@ mod tests {
         within("read the reply", c.read_to_end(&mut reply)).await.unwrap();
         assert_eq!(reply, "got 100000 bytes".repeat(1000).as_bytes());
         drop(c);
-        eventually("the connection closes", || p.shared.conns.open() == 0).await;
+        assert_eventually!(p.shared.conns.open() == 0, "the connection closes");
         assert_eq!(p.count(|m, l| m.bytes_sent.get_or_create(l).get()), 100_000);
         assert_eq!(p.count(|m, l| m.bytes_received.get_or_create(l).get()), 16_000);
     }
@@ -959,97 +507,16 @@ mod tests {
         let got = within("64 MiB echoed", send_and_read(c, data.clone())).await;
         let took = t0.elapsed();
         assert!(got == *data, "echo differs (got {} bytes)", got.len());
-        eventually("the connection closes", || p.shared.conns.open() == 0).await;
+        assert_eventually!(p.shared.conns.open() == 0, "the connection closes");
         assert_eq!(p.count(|m, l| m.bytes_sent.get_or_create(l).get()), LEN as u64);
         assert_eq!(p.count(|m, l| m.bytes_received.get_or_create(l).get()), LEN as u64);
         #[cfg(target_os = "linux")]
         {
-            assert_eq!(splice_fallbacks(), 0, "splice was not used");
-            assert_eq!(spliced(), 2, "both directions of a bulk transfer turn to splice");
+            let copy = &p.shared.metrics.copy;
+            assert_eq!(copy.splice_fallbacks.get(), 0, "splice was not used");
+            assert_eq!(copy.spliced.get(), 2, "both directions of a bulk transfer turn to splice");
         }
         println!("64 MiB each way through the proxy in {took:?}");
-    }
-
-    /// `run` proxies between two connected pairs while each outer end sends `len` different bytes and reads
-    /// everything: both must arrive intact, and `run` must report the counts.
-    async fn both_ways<F, Fut>(run: F, len: usize)
-    where
-        F: FnOnce(TcpStream, TcpStream) -> Fut,
-        Fut: Future<Output = io::Result<(u64, u64)>> + Send + 'static,
-    {
-        let (c1, p1) = pair().await;
-        let (p2, c2) = pair().await;
-        let proxy = tokio::spawn(run(p1, p2));
-        let (x, y) = (Arc::new(random(len, 2)), Arc::new(random(len + 3, 3)));
-        let (at_c1, at_c2) =
-            within("exchange", async { tokio::join!(send_and_read(c1, x.clone()), send_and_read(c2, y.clone())) })
-                .await;
-        assert!(at_c2 == *x, "a → b differs ({} bytes arrived)", at_c2.len());
-        assert!(at_c1 == *y, "b → a differs ({} bytes arrived)", at_c1.len());
-        let counts = within("proxy ends", proxy).await.unwrap().unwrap();
-        assert_eq!(counts, (len as u64, len as u64 + 3));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn proxy_streams_splices_both_ways() {
-        both_ways(proxy_streams, 64 << 20).await;
-        #[cfg(target_os = "linux")]
-        {
-            assert_eq!(splice_fallbacks(), 0, "splice was not used");
-            assert_eq!(spliced(), 2, "both directions turned to splice");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_short_exchange_needs_no_pipe() {
-        // Smaller than the first-phase buffer each way: copied in userspace, byte-exact, and no pipe made.
-        both_ways(proxy_streams, 1000).await;
-        assert_eq!(spliced(), 0);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_userspace_fallback_copies_both_ways() {
-        both_ways(proxy_streams_userspace, 16 << 20).await;
-    }
-
-    #[tokio::test]
-    async fn empty_streams_just_close() {
-        both_ways(proxy_streams, 0).await;
-        both_ways(proxy_streams_userspace, 0).await;
-    }
-
-    #[tokio::test]
-    async fn a_reset_on_one_side_resets_the_other() {
-        for userspace in [false, true] {
-            let (c1, p1) = pair().await;
-            let (p2, mut c2) = pair().await;
-            let proxy = tokio::spawn(async move {
-                if userspace { proxy_streams_userspace(p1, p2).await } else { proxy_streams(p1, p2).await }
-            });
-            let mut c1 = c1;
-            roundtrip_via(&mut c1, &mut c2, b"x").await;
-            reset(&c1);
-            drop(c1);
-            let r = within("the other side sees the reset", async {
-                loop {
-                    match c2.read(&mut [0u8; 16]).await {
-                        Ok(0) => break Ok(()),
-                        Ok(_) => {}
-                        Err(e) => break Err(e.kind()),
-                    }
-                }
-            })
-            .await;
-            assert_eq!(r, Err(io::ErrorKind::ConnectionReset), "userspace: {userspace}");
-            assert!(within("proxy ends", proxy).await.unwrap().is_err());
-        }
-    }
-
-    async fn roundtrip_via(a: &mut TcpStream, b: &mut TcpStream, msg: &[u8]) {
-        within("write", a.write_all(msg)).await.unwrap();
-        let mut got = vec![0u8; msg.len()];
-        within("read", b.read_exact(&mut got)).await.unwrap();
-        assert_eq!(got, msg);
     }
 
     #[tokio::test]
@@ -1063,7 +530,7 @@ mod tests {
         assert_eq!(&name, b"A");
         roundtrip(&mut old, b"before").await;
 
-        p.shared.table.store(Arc::new(table(p.key, &[b])));
+        p.shared.table.store(Arc::new(web(p.key, &[b], None)));
         for _ in 0..5 {
             let mut new = p.connect().await;
             within("greeting", new.read_exact(&mut name)).await.unwrap();
@@ -1095,7 +562,7 @@ mod tests {
         assert_eq!(p.shared.conns.open(), 2);
         assert_eq!(p.shared.conns.wait_idle(Duration::from_millis(20)).await, 2, "drain waits for both");
         drop(second);
-        eventually("one closes", || p.shared.conns.open() == 1).await;
+        assert_eventually!(p.shared.conns.open() == 1, "one closes");
         roundtrip(&mut open, b"last").await;
         let idle = tokio::spawn({
             let conns = p.shared.conns.clone();

@@ -41,7 +41,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, warn};
 
-use crate::balance::{self, Active};
+use crate::balance::{self, InFlight};
 use crate::state::{ProxyMetrics, Shared};
 use crate::table::{Cluster, EndpointStats, ListenKey, ServiceListener, Table};
 
@@ -258,7 +258,7 @@ impl View {
         let Ok(i) = self.candidates.binary_search_by_key(&flow.endpoint, |(a, _)| *a) else { return false };
         let stats = &self.candidates[i].1;
         if !Arc::ptr_eq(stats, &flow.stats) {
-            flow._active = Active::new(stats);
+            flow._active = InFlight::new(stats);
             flow.stats = stats.clone();
         }
         flow.epoch = self.epoch;
@@ -274,7 +274,7 @@ struct Flow {
     upstream: Arc<UdpSocket>,
     stats: Arc<EndpointStats>,
     /// Counts the flow on its endpoint, for least-connections.
-    _active: Active,
+    _active: InFlight,
     /// The view epoch it was last checked at.
     epoch: u64,
     /// Set by traffic either way, cleared by the sweep.
@@ -434,7 +434,7 @@ impl Ctx {
             endpoint: endpoint.addr,
             upstream,
             stats: endpoint.stats.clone(),
-            _active: Active::new(&endpoint.stats),
+            _active: InFlight::new(&endpoint.stats),
             epoch: view.epoch,
             touched,
             quiet_since: Instant::now(),
@@ -524,6 +524,8 @@ mod tests {
     use tokio::task::JoinHandle;
     use tokio::time::timeout;
 
+    use mesh_tests::assert_eventually;
+
     use super::*;
     use crate::balance::{Algorithm, Locality};
     use crate::state::{DataConfig, ServiceLabels};
@@ -560,9 +562,8 @@ mod tests {
         }
     }
 
-    fn table(key: ListenKey, mut endpoints: Vec<Endpoint>, affinity: Option<Duration>) -> Table {
-        endpoints.sort_by_key(|e| e.addr);
-        let listener = Arc::new(ServiceListener {
+    fn table(key: ListenKey, endpoints: Vec<Endpoint>, affinity: Option<Duration>) -> Table {
+        let listener = ServiceListener {
             name: format!("svc/ns/dns/53@{}", key.addr.ip()),
             keys: vec![key],
             service: SERVICE.into(),
@@ -570,20 +571,8 @@ mod tests {
             local_only: false,
             health_check_node_port: None,
             cluster: CLUSTER.into(),
-        });
-        let cluster = Cluster {
-            name: CLUSTER.into(),
-            affinity,
-            distribution: Default::default(),
-            endpoints: endpoints.into(),
-            affinity_map: Arc::default(),
-            rr: Arc::default(),
         };
-        let mut t = Table::default();
-        t.listeners.insert(listener.name.clone(), listener.clone());
-        t.by_key.insert(key, listener);
-        t.clusters.insert(CLUSTER.into(), Arc::new(cluster));
-        t
+        crate::table::testing::one_service(listener, endpoints, affinity)
     }
 
     struct Proxy {
@@ -619,7 +608,7 @@ mod tests {
             f(&self.shared.metrics).get_or_create(&Self::labels()).get()
         }
 
-        /// Flows counted on an endpoint (its `Active` guards).
+        /// Flows counted on an endpoint (its `InFlight` guards).
         fn on_endpoint(&self, addr: SocketAddr) -> u32 {
             let t = self.shared.table.load();
             let e = t.clusters[CLUSTER].endpoints.iter().find(|e| e.addr == addr).expect("endpoint in table");
@@ -662,15 +651,6 @@ mod tests {
         }
     }
 
-    /// Polls `cond` until it holds, failing after [`SOON`].
-    async fn eventually(what: &str, cond: impl Fn() -> bool) {
-        let deadline = Instant::now() + SOON;
-        while !cond() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
     fn cfg(algorithm: Algorithm) -> DataConfig {
         DataConfig { algorithm, ..DataConfig::default() }
     }
@@ -687,7 +667,7 @@ mod tests {
         assert_eq!(p.active(), 1);
         assert_eq!(p.on_endpoint(a), 1);
         assert_eq!(p.count(|m| &m.bytes_sent), 5);
-        eventually("bytes_received counted", || p.count(|m| &m.bytes_received) == 7).await;
+        assert_eventually!(p.count(|m| &m.bytes_received) == 7, "bytes_received counted");
     }
 
     #[tokio::test]
@@ -702,7 +682,7 @@ mod tests {
         assert_eq!(&reply[..2], b"a:");
         assert!(reply[2..] == msg[..], "payload changed in transit");
         assert_eq!(p.count(|m| &m.bytes_sent), 60_000);
-        eventually("bytes_received counted", || p.count(|m| &m.bytes_received) == 60_002).await;
+        assert_eventually!(p.count(|m| &m.bytes_received) == 60_002, "bytes_received counted");
     }
 
     #[tokio::test]
@@ -761,8 +741,8 @@ mod tests {
         let c = client("127.0.0.1").await;
         assert_eq!(ask(&c, p.addr, b"ping").await.0, b"a:ping");
         assert_eq!(p.count(|m| &m.opened), 1);
-        eventually("the idle flow to close", || p.active() == 0).await;
-        assert_eq!(p.on_endpoint(a), 0, "the flow's Active guard was not dropped");
+        assert_eventually!(p.active() == 0, "the idle flow to close");
+        assert_eq!(p.on_endpoint(a), 0, "the flow's InFlight guard was not dropped");
         // The client comes back: a new flow.
         assert_eq!(ask(&c, p.addr, b"again").await.0, b"a:again");
         assert_eq!(p.count(|m| &m.opened), 2);
@@ -810,7 +790,7 @@ mod tests {
         let c = client("127.0.0.1").await;
         timeout(SOON, c.send_to(b"anyone?", p.addr)).await.unwrap().unwrap();
         silent(&c).await;
-        eventually("failed counted", || p.count(|m| &m.failed) == 1).await;
+        assert_eventually!(p.count(|m| &m.failed) == 1, "failed counted");
         assert_eq!((p.count(|m| &m.opened), p.active()), (0, 0));
     }
 
