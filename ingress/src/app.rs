@@ -5,16 +5,17 @@
 //! stop when [`App::drain`] is done.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use mesh_runtime::{Admin, AdminError, AdminServer, Metrics, ReloadHandle, Shutdown};
+pub use mesh_runtime::dataplane::Source;
+use mesh_runtime::dataplane::{self, AdminShell, ShellError};
+use mesh_runtime::{Admin, ReloadHandle, Shutdown};
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::info;
-use xds_proto::client::{self, ClientConfig, ClientError, ClientHandle, Protocol};
+use xds_proto::client::{self, ClientConfig, ClientHandle};
 
 use crate::config::{self, ConfigError, NEEDED, XdsHandler};
 use crate::metrics::IngressMetrics;
@@ -26,15 +27,12 @@ use crate::table::Table;
 /// Why the ingress could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    /// The admin server could not start.
+    /// The admin server or the xDS client could not start.
     #[error(transparent)]
-    Admin(#[from] AdminError),
+    Shell(#[from] ShellError),
     /// The snapshot file could not be loaded.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The control plane address is unusable.
-    #[error(transparent)]
-    Client(#[from] ClientError),
     /// A listening address could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}; is another process using it?")]
     Bind {
@@ -51,20 +49,6 @@ pub enum AppError {
     /// A worker thread could not start.
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
-}
-
-/// Where the configuration comes from.
-#[derive(Debug, Clone)]
-pub enum Source {
-    /// A control plane (`http://host:port`), over ADS.
-    Xds {
-        /// The endpoint.
-        endpoint: String,
-        /// Delta or SotW.
-        protocol: Protocol,
-    },
-    /// A snapshot file written by `meshctl snapshot --role ingress`.
-    File(PathBuf),
 }
 
 /// How to run the ingress.
@@ -252,20 +236,15 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     }
 
     let metrics = IngressMetrics::default();
-    let registry = Metrics::new();
-    registry.with_registry(|r| metrics.register(r));
     let shared = Shared::new(cfg.settings.clone(), metrics);
     let dump = {
         let shared = shared.clone();
         Arc::new(move || config_dump(&shared))
     };
-    let mut admin = Admin::builder().metrics(registry).config_dump(dump);
-    if let Some(l) = cfg.logging.clone() {
-        admin = admin.logging(l);
-    }
-    let admin = admin.build()?;
-    let stop_admin = Shutdown::new();
-    let (admin_addr, _) = AdminServer::serve(cfg.admin_addr, admin.clone(), stop_admin.clone()).await?;
+    let shell = AdminShell::start(cfg.admin_addr, |r| shared.metrics.register(r), dump, cfg.logging.clone())
+        .await
+        .map_err(ShellError::from)?;
+    let AdminShell { admin, addr: admin_addr, stop: stop_admin } = shell;
 
     let client = match &cfg.source {
         Source::File(path) => {
@@ -281,20 +260,14 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
             let mut c = ClientConfig::new(endpoint.clone(), cfg.node.clone(), client::ROLE_INGRESS);
             c.ingress_class = Some(cfg.ingress_class.clone());
             c.protocol = *protocol;
-            if let Err(e) = c.validate() {
-                stop_admin.trigger();
-                return Err(e.into());
-            }
-            let handle = client::spawn(c, XdsHandler::new(shared.clone()));
-            let mut status = handle.status();
-            let readiness = admin.readiness().clone();
-            tokio::spawn(async move {
-                if status.wait_for(|s| s.is_loaded(&NEEDED)).await.is_ok() {
-                    readiness.set_ready(true);
-                    info!("configuration loaded: ready");
+            let handler = XdsHandler::new(shared.clone());
+            match dataplane::spawn_xds(c, handler, admin.readiness().clone(), &NEEDED, |_| {}) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    stop_admin.trigger();
+                    return Err(ShellError::from(e).into());
                 }
-            });
-            Some(handle)
+            }
         }
     };
 

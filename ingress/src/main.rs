@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Parser;
 use mesh_ingress::app::{self, Source};
 use mesh_ingress::proxy::Settings;
+use mesh_runtime::shutdown;
 
 /// The mesh ingress proxy: HTTP and HTTPS from users to the Pods of Ingress backends.
 #[derive(Debug, Parser)]
@@ -106,11 +106,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
-    let source = match (args.xds, args.snapshot) {
-        (_, Some(path)) => Source::File(path),
-        (Some(endpoint), None) => Source::Xds { endpoint, protocol: args.xds_protocol },
-        (None, None) => anyhow::bail!("give --xds http://ADDR or --snapshot FILE"),
-    };
+    let source = Source::from_flags(args.xds, args.snapshot, args.xds_protocol)?;
     let cfg = app::Config {
         source,
         node: args
@@ -142,16 +138,13 @@ async fn main() -> anyhow::Result<()> {
         },
         logging: Some(logging),
     };
-    // SIGTERM handled from before the first socket exists: a stop during start-up is still a drain.
-    let mut signals = mesh_runtime::shutdown::Signals::new()?;
-    let app = app::build(cfg).await.context("starting mesh-ingress")?;
-    // One machine-readable line a supervisor or test can wait for.
-    println!("mesh-ingress http={} https={} admin={}", app.http_addr, app.https_addr, app.admin_addr);
-    let signal = signals.recv().await?;
-    tracing::info!(?signal, "draining");
-    let left = app.drain(Duration::from_secs(args.drain_s)).await;
-    if left > 0 {
-        tracing::warn!(left, "drain deadline passed with connections still open; closing them");
-    }
+    let drain = Duration::from_secs(args.drain_s);
+    shutdown::run_until_signal(
+        "mesh-ingress",
+        app::build(cfg),
+        |app| format!("mesh-ingress http={} https={} admin={}", app.http_addr, app.https_addr, app.admin_addr),
+        async |app: app::App| shutdown::report_drain(app.drain(drain).await),
+    )
+    .await?;
     Ok(())
 }

@@ -30,7 +30,7 @@ use crate::tls::SniResolver;
 use crate::upstream::Cluster;
 
 /// The body of the 404 a request gets when no rule matches (the same text `mesh-control` puts in its routes).
-pub const NOT_FOUND_BODY: &str = "404 page not found: no Ingress rule matches this host and path\n";
+pub use xds_proto::names::NOT_FOUND_BODY;
 
 /// The `Server` header of our own answers, and of proxied responses whose upstream sent none.
 pub const SERVER: &str = "mesh";

@@ -142,7 +142,7 @@ async fn accept_loop(
                 Err(e) => {
                     warn!("accept failed: {e}");
                     // Out of file descriptors or similar: let open connections end before trying again.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    mesh_runtime::accept::pause_after(&e).await;
                 }
             },
             _ = async { stop.wait_for(|v| *v).await.is_ok() } => break,

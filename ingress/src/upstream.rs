@@ -14,16 +14,11 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use xds_proto::core::{HealthStatus, address, socket_address};
 use xds_proto::endpoint::{ClusterLoadAssignment, lb_endpoint};
 
-/// Connect failures in a row that eject an endpoint.
-pub const EJECT_AFTER_FAILURES: u32 = 3;
-/// How long an ejection lasts.
-pub const EJECT_FOR: Duration = Duration::from_secs(10);
+pub use mesh_runtime::endpoint::{EJECT_AFTER_FAILURES, EJECT_FOR, EndpointStats, InFlight, now_ms};
 
 /// Why a ClusterLoadAssignment cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,12 +35,6 @@ pub enum UpstreamError {
     },
 }
 
-/// Milliseconds since the process's first call, for cheap atomic deadlines.
-pub fn now_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
-
 /// Whether an endpoint takes new requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -53,42 +42,6 @@ pub enum Health {
     Ready,
     /// Terminating but still serving: used only when nothing is ready.
     Terminating,
-}
-
-/// Live counters of one endpoint, kept across configuration updates.
-#[derive(Debug, Default)]
-pub struct EndpointStats {
-    /// Requests in flight.
-    pub active: AtomicUsize,
-    /// Connect failures in a row.
-    pub failures: AtomicU32,
-    /// Ejected until this [`now_ms`] (0: not ejected).
-    pub ejected_until: AtomicU64,
-}
-
-impl EndpointStats {
-    /// Whether it is ejected at `now`.
-    pub fn ejected(&self, now: u64) -> bool {
-        self.ejected_until.load(Ordering::Relaxed) > now
-    }
-
-    /// Records a failed connect; true when this failure ejected the endpoint.
-    pub fn connect_failed(&self) -> bool {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= EJECT_AFTER_FAILURES {
-            self.failures.store(0, Ordering::Relaxed);
-            self.ejected_until.store(now_ms() + EJECT_FOR.as_millis() as u64, Ordering::Relaxed);
-            return true;
-        }
-        false
-    }
-
-    /// Records a successful connect.
-    pub fn connected(&self) {
-        if self.failures.load(Ordering::Relaxed) != 0 {
-            self.failures.store(0, Ordering::Relaxed);
-        }
-    }
 }
 
 /// One endpoint.
@@ -173,35 +126,12 @@ impl Cluster {
                 if n == 1 {
                     return nth(0);
                 }
-                let a = fastrand::usize(..n);
-                let mut b = fastrand::usize(..n - 1);
-                if b >= a {
-                    b += 1;
-                }
+                let (a, b) = mesh_runtime::endpoint::two_choices(n);
                 let (a, b) = (nth(a)?, nth(b)?);
-                let load = |e: &Endpoint| e.stats.active.load(Ordering::Relaxed);
-                return Some(if load(b) < load(a) { b } else { a });
+                return Some(if b.stats.in_flight() < a.stats.in_flight() { b } else { a });
             }
         }
         None
-    }
-}
-
-/// Counts one request in flight on an endpoint until dropped.
-#[derive(Debug)]
-pub struct InFlight(Arc<EndpointStats>);
-
-impl InFlight {
-    /// Starts counting.
-    pub fn new(stats: &Arc<EndpointStats>) -> Self {
-        stats.active.fetch_add(1, Ordering::Relaxed);
-        InFlight(stats.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
