@@ -19,6 +19,7 @@ use mesh_runtime::{Admin, AdminError, AdminServer, Metrics, ReloadHandle, Shutdo
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+use xds_proto::names;
 
 use crate::kubernetes::{self, Leadership, Publish, status};
 use crate::source::{self, SourceError, Update};
@@ -289,9 +290,9 @@ fn config_dump(snapshots: watch::Receiver<Option<Arc<Snapshot>>>) -> mesh_runtim
             Value::Object(out)
         };
         let mut roles = serde_json::Map::new();
-        roles.insert("proxy".into(), role_json(&snap.proxy));
+        roles.insert(names::file_role(None), role_json(&snap.proxy));
         for (class, role) in &snap.ingress {
-            roles.insert(format!("ingress/{class}"), role_json(role));
+            roles.insert(names::file_role(Some(class)), role_json(role));
         }
         json!({"loaded": true, "roles": roles, "problems": snap.problems.iter().map(ToString::to_string).collect::<Vec<_>>()})
     })

@@ -123,14 +123,13 @@ async fn main() -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         logging: Some(logging),
     };
-    // SIGTERM handled from before the first socket exists: a stop during start-up still stops cleanly.
-    let mut signals = mesh_runtime::shutdown::Signals::new()?;
-    let app = app::build(cfg).await.context("starting mesh-control")?;
-    // One machine-readable line a supervisor or test can wait for.
-    println!("mesh-control xds={} admin={}", app.xds_addr, app.admin_addr);
-    let signal = signals.recv().await?;
-    tracing::info!(?signal, "shutting down");
-    app.stop().await;
+    mesh_runtime::shutdown::run_until_signal(
+        "mesh-control",
+        app::build(cfg),
+        |app| format!("mesh-control xds={} admin={}", app.xds_addr, app.admin_addr),
+        async |app: app::App| app.stop().await,
+    )
+    .await?;
     Ok(())
 }
 

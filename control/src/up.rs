@@ -238,7 +238,15 @@ impl Pods {
 pub async fn http_pod(l: TcpListener, name: String) {
     let name: std::sync::Arc<str> = name.into();
     loop {
-        let Ok((s, peer)) = l.accept().await else { continue };
+        let (s, peer) = match l.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                debug!(pod = %name, "demo Pod accept: {e}");
+                // Out of descriptors recurs at once: pause rather than spin.
+                mesh_runtime::accept::pause_after(&e).await;
+                continue;
+            }
+        };
         let name = name.clone();
         let local = s.local_addr().ok();
         tokio::spawn(async move {

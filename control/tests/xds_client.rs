@@ -10,6 +10,7 @@ use std::time::Duration;
 use mesh_control::app::{self, App, Config};
 use mesh_control::translate::{Options, Role};
 use mesh_control::xds::XdsConfig;
+use mesh_tests::assert_eventually;
 use xds_proto::client::{self, ClientConfig, Handler, Protocol, Update};
 use xds_proto::types::ResourceType;
 
@@ -112,16 +113,6 @@ impl Recorder {
     }
 }
 
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !f() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{what}: not within 10 s"));
-}
-
 #[tokio::test]
 async fn one_endpoint_change_is_one_cla_and_reconnects_are_not_resent() {
     let d = tempfile::tempdir().unwrap();
@@ -137,24 +128,24 @@ async fn one_endpoint_change_is_one_cla_and_reconnects_are_not_resent() {
 
     let before = app.snapshots.borrow().clone().unwrap();
     std::fs::write(d.path().join("web-slice.yaml"), SLICE.replace("ENDPOINT", "127.20.0.99")).unwrap();
-    eventually("a new snapshot", || !Arc::ptr_eq(app.snapshots.borrow().as_ref().unwrap(), &before)).await;
-    eventually("an update", || !rec.0.lock().unwrap().is_empty()).await;
+    assert_eventually!(!Arc::ptr_eq(app.snapshots.borrow().as_ref().unwrap(), &before), "a new snapshot");
+    assert_eventually!(!rec.0.lock().unwrap().is_empty(), "an update");
     // A second change as a marker: the stream is ordered, so anything else the first change caused arrives
     // before the marker's update. No waiting for stragglers by the clock.
     std::fs::write(d.path().join("web-slice.yaml"), SLICE.replace("ENDPOINT", "127.20.0.98")).unwrap();
-    eventually("the marker's update", || rec.carried(b"127.20.0.98")).await;
+    assert_eventually!(rec.carried(b"127.20.0.98"), "the marker's update");
     let updates = rec.take();
     let cla = (ResourceType::ClusterLoadAssignment, vec!["shop/web/http".to_owned()], vec![]);
     assert_eq!(updates, [cla.clone(), cla.clone()], "one endpoint change: one ClusterLoadAssignment, nothing else");
 
     // The control plane restarts on the same address: the client reconnects with what it has and is sent nothing.
     app.stop().await;
-    eventually("disconnected", || !status.borrow().connected).await;
+    assert_eventually!(!status.borrow().connected, "disconnected");
     let app = start(d.path(), &xds_addr).await;
-    eventually("reconnected", || status.borrow().connected).await;
+    assert_eventually!(status.borrow().connected, "reconnected");
     // Again a marker change: whatever the reconnect caused arrives before its update.
     std::fs::write(d.path().join("web-slice.yaml"), SLICE.replace("ENDPOINT", "127.20.0.97")).unwrap();
-    eventually("the marker's update", || rec.carried(b"127.20.0.97")).await;
+    assert_eventually!(rec.carried(b"127.20.0.97"), "the marker's update");
     let moved = |u: &Seen| !u.1.is_empty() || !u.2.is_empty();
     let resent: Vec<_> = rec.take().into_iter().filter(moved).collect();
     assert_eq!(resent, [cla], "nothing is resent after a reconnect, only the marker's change arrives");

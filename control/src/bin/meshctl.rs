@@ -9,6 +9,7 @@ use mesh_control::routes;
 use mesh_control::source::{load_dir, sync};
 use mesh_control::store::Store;
 use mesh_control::translate::{Options, Role, Snapshot, translate};
+use xds_proto::names::{ROLE_INGRESS, ROLE_PROXY, file_role};
 use xds_proto::types::ResourceType;
 
 /// Operate the mesh.
@@ -158,7 +159,7 @@ impl Ask {
         let node = self.node.clone().unwrap_or_else(|| "meshctl".into());
         let mut cfg = xds_proto::client::ClientConfig::new(self.endpoint.clone(), node, role);
         cfg.protocol = self.protocol;
-        if role == "ingress" {
+        if role == ROLE_INGRESS {
             cfg.ingress_class = Some(self.ingress_class.clone());
         }
         let got = xds_proto::client::fetch_once(cfg, self.timeout)
@@ -170,13 +171,13 @@ impl Ask {
     async fn table(&self, roles: RolesArg) -> anyhow::Result<routes::RouteTable> {
         let mut t = routes::RouteTable::default();
         if roles != RolesArg::Ingress {
-            t.addresses = routes::address_rows(&self.fetch("proxy").await?, self.node.as_deref())?;
+            t.addresses = routes::address_rows(&self.fetch(ROLE_PROXY).await?, self.node.as_deref())?;
         }
         if roles != RolesArg::Proxy {
-            t.ingress = routes::ingress_rows(&self.ingress_class, &self.fetch("ingress").await?)?;
+            t.ingress = routes::ingress_rows(&self.ingress_class, &self.fetch(ROLE_INGRESS).await?)?;
         }
         // Over the same connection settings, from mesh.v1.Inspect next to ADS: the same lines as offline.
-        let cfg = xds_proto::client::ClientConfig::new(self.endpoint.clone(), "meshctl", "proxy");
+        let cfg = xds_proto::client::ClientConfig::new(self.endpoint.clone(), "meshctl", ROLE_PROXY);
         t.problems = xds_proto::inspect::fetch_problems(&cfg, self.timeout)
             .await
             .with_context(|| format!("asking {} for its problems", self.endpoint))?;
@@ -242,8 +243,8 @@ fn main() -> anyhow::Result<()> {
                 ResourceType::ALL.into_iter().flat_map(|t| rs.get(t).values().map(move |r| (t, r.body.clone())));
             let items: Vec<(ResourceType, bytes::Bytes)> = items.collect();
             let role_name = match &role {
-                Role::Proxy => "proxy".to_owned(),
-                Role::Ingress { class } => format!("ingress/{class}"),
+                Role::Proxy => file_role(None),
+                Role::Ingress { class } => file_role(Some(class)),
             };
             let doc = xds_proto::snapshot_file::to_json(&role_name, items.iter().map(|(t, b)| (*t, &b[..])))?;
             println!("{}", serde_json::to_string_pretty(&doc)?);

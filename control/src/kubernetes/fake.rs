@@ -561,7 +561,13 @@ impl FakeApi {
         let me = self.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        mesh_runtime::accept::pause_after(&e).await;
+                        continue;
+                    }
+                };
                 let me = me.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {

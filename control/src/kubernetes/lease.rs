@@ -297,11 +297,7 @@ mod tests {
             .map(|id| spawn(fake.client(), fast(id), shutdown.clone(), crate::kubernetes::KubeMetrics::default()))
             .collect();
         let leaders = || electors.iter().filter(|(l, _)| l.is_leader()).count();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while leaders() == 0 {
-            assert!(Instant::now() < deadline, "nobody leads");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        mesh_tests::assert_eventually!(within Duration::from_secs(10), leaders() > 0, "somebody leads");
         // Many renewal rounds later, still exactly one, and the Lease names it.
         let stop = Instant::now() + Duration::from_millis(1500);
         while Instant::now() < stop {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
+use mesh_tests::assert_eventually;
 use serde_json::{Value, json};
 use xds_proto::types::ResourceType;
 
@@ -18,15 +19,6 @@ use crate::xds::XdsConfig;
 
 const WAIT: Duration = Duration::from_secs(20);
 const LEASE_NS: &str = "mesh-system";
-
-/// Polls `check` every 10 ms until it holds, for at most [`WAIT`]; panics naming `what` otherwise.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 fn fast_backoff() -> BackoffSettings {
     BackoffSettings { min: Duration::from_millis(10), max: Duration::from_millis(200) }
@@ -144,7 +136,7 @@ async fn initial_list_then_every_kind_flows_to_the_snapshot() {
     let fake = FakeApi::new();
     cluster(&fake);
     let app = start(settings(fake.client(), None)).await;
-    eventually("the first snapshot", || latest(&app).is_some()).await;
+    assert_eventually!(latest(&app).is_some(), "the first snapshot");
     assert!(app.admin.readiness().is_ready());
 
     // The initial list of every kind is in the first snapshot.
@@ -161,51 +153,54 @@ async fn initial_list_then_every_kind_flows_to_the_snapshot() {
 
     // EndpointSlice: modified, an endpoint moves.
     fake.apply(slice("web", "10.0.0.2", "node-a"));
-    eventually("the moved endpoint", || dump(&app, None, ResourceType::ClusterLoadAssignment).contains("10.0.0.2"))
-        .await;
+    assert_eventually!(
+        dump(&app, None, ResourceType::ClusterLoadAssignment).contains("10.0.0.2"),
+        "the moved endpoint"
+    );
     // Node: its zone changes, and with it the endpoint's locality.
     fake.apply(node("node-a", "zone-b"));
-    eventually("the new zone", || dump(&app, None, ResourceType::ClusterLoadAssignment).contains("zone-b")).await;
+    assert_eventually!(dump(&app, None, ResourceType::ClusterLoadAssignment).contains("zone-b"), "the new zone");
     // Service: added, modified, deleted.
     fake.apply(service("api", "10.96.0.20"));
-    eventually("the added Service", || {
-        names(&app, ResourceType::Listener).contains(&"svc/shop/api/http@10.96.0.20".into())
-    })
-    .await;
+    assert_eventually!(
+        { names(&app, ResourceType::Listener).contains(&"svc/shop/api/http@10.96.0.20".into()) },
+        "the added Service"
+    );
     fake.apply(service("api", "10.96.0.21"));
-    eventually("the modified Service", || {
-        names(&app, ResourceType::Listener) == ["svc/shop/api/http@10.96.0.21", "svc/shop/web/http@10.96.0.10"]
-    })
-    .await;
+    assert_eventually!(
+        { names(&app, ResourceType::Listener) == ["svc/shop/api/http@10.96.0.21", "svc/shop/web/http@10.96.0.10"] },
+        "the modified Service"
+    );
     assert!(fake.delete("v1", "Service", "shop", "api"));
-    eventually("the deleted Service", || names(&app, ResourceType::Listener) == ["svc/shop/web/http@10.96.0.10"]).await;
+    assert_eventually!(names(&app, ResourceType::Listener) == ["svc/shop/web/http@10.96.0.10"], "the deleted Service");
     // EndpointSlice: deleted.
     assert!(fake.delete("discovery.k8s.io/v1", "EndpointSlice", "shop", "web-1"));
-    eventually("no endpoints", || !dump(&app, None, ResourceType::ClusterLoadAssignment).contains("10.0.0.2")).await;
+    assert_eventually!(!dump(&app, None, ResourceType::ClusterLoadAssignment).contains("10.0.0.2"), "no endpoints");
     // Ingress: modified, then deleted.
     fake.apply(ingress("shop", "mesh", "/api", Some("shop-tls")));
-    eventually("the new path", || dump(&app, Some("mesh"), ResourceType::RouteConfiguration).contains("/api")).await;
+    assert_eventually!(dump(&app, Some("mesh"), ResourceType::RouteConfiguration).contains("/api"), "the new path");
     // Secret: deleted (its hosts fall back to plain HTTP), then added again.
     assert!(fake.delete("v1", "Secret", "shop", "shop-tls"));
-    eventually("no SDS Secret", || !dump(&app, Some("mesh"), ResourceType::Secret).contains("shop/shop-tls")).await;
+    assert_eventually!(!dump(&app, Some("mesh"), ResourceType::Secret).contains("shop/shop-tls"), "no SDS Secret");
     fake.apply(tls_secret("shop-tls"));
-    eventually("the SDS Secret back", || dump(&app, Some("mesh"), ResourceType::Secret).contains("shop/shop-tls"))
-        .await;
+    assert_eventually!(dump(&app, Some("mesh"), ResourceType::Secret).contains("shop/shop-tls"), "the SDS Secret back");
     assert!(fake.delete("networking.k8s.io/v1", "Ingress", "shop", "shop"));
-    eventually("no routes", || !dump(&app, Some("mesh"), ResourceType::RouteConfiguration).contains("/api")).await;
+    assert_eventually!(!dump(&app, Some("mesh"), ResourceType::RouteConfiguration).contains("/api"), "no routes");
     // IngressClass: deleted, the class's snapshot goes; added back, it returns.
     assert!(fake.delete("networking.k8s.io/v1", "IngressClass", "", "mesh"));
-    eventually("no ingress class", || latest(&app).is_some_and(|s| s.ingress.is_empty())).await;
+    assert_eventually!(latest(&app).is_some_and(|s| s.ingress.is_empty()), "no ingress class");
     fake.apply(class("mesh", xds_proto::INGRESS_CONTROLLER));
-    eventually("the ingress class", || latest(&app).is_some_and(|s| s.ingress.contains_key("mesh"))).await;
+    assert_eventually!(latest(&app).is_some_and(|s| s.ingress.contains_key("mesh")), "the ingress class");
     // Node: deleted; the locality loses its zone.
     assert!(fake.delete("v1", "Node", "", "node-a"));
     fake.apply(slice("web", "10.0.0.3", "node-a"));
-    eventually("an endpoint without zone", || {
-        let cla = dump(&app, None, ResourceType::ClusterLoadAssignment);
-        cla.contains("10.0.0.3") && !cla.contains("zone-b")
-    })
-    .await;
+    assert_eventually!(
+        {
+            let cla = dump(&app, None, ResourceType::ClusterLoadAssignment);
+            cla.contains("10.0.0.3") && !cla.contains("zone-b")
+        },
+        "an endpoint without zone"
+    );
     app.stop().await;
 }
 
@@ -248,7 +243,7 @@ async fn a_list_in_pages_is_one_relist() {
         fake.apply(service(&format!("s{i}"), &format!("10.97.{}.{}", i / 250, i % 250 + 1)));
     }
     let app = start(settings(fake.client(), None)).await;
-    eventually("the first snapshot", || latest(&app).is_some()).await;
+    assert_eventually!(latest(&app).is_some(), "the first snapshot");
     assert_eq!(names(&app, ResourceType::Listener).len(), 1101);
     assert_eq!(fake.lists("services"), 3, "three pages");
     app.stop().await;
@@ -261,15 +256,17 @@ async fn nothing_is_served_until_every_kind_is_listed() {
     fake.fail("ingresses", true);
     let app = start(settings(fake.client(), None)).await;
     // Every other kind is listed and watched; Ingresses keep failing (and are retried).
-    eventually("the other kinds watched and Ingresses retried", || {
-        ["services", "endpointslices", "secrets", "nodes", "ingressclasses"].iter().all(|k| fake.watches(k) == 1)
-            && fake.calls().iter().filter(|c| c.resource == "ingresses").count() >= 3
-    })
-    .await;
+    assert_eventually!(
+        {
+            ["services", "endpointslices", "secrets", "nodes", "ingressclasses"].iter().all(|k| fake.watches(k) == 1)
+                && fake.calls().iter().filter(|c| c.resource == "ingresses").count() >= 3
+        },
+        "the other kinds watched and Ingresses retried"
+    );
     assert!(latest(&app).is_none(), "published before Ingresses were listed");
     assert!(!app.admin.readiness().is_ready());
     fake.fail("ingresses", false);
-    eventually("the first snapshot", || latest(&app).is_some()).await;
+    assert_eventually!(latest(&app).is_some(), "the first snapshot");
     assert!(app.admin.readiness().is_ready());
     assert!(dump(&app, Some("mesh"), ResourceType::RouteConfiguration).contains("shop.example.com"));
     app.stop().await;
@@ -280,19 +277,19 @@ async fn a_closed_watch_resumes_from_the_last_resource_version() {
     let fake = FakeApi::new();
     cluster(&fake);
     let app = start(settings(fake.client(), None)).await;
-    eventually("the first snapshot", || latest(&app).is_some()).await;
+    assert_eventually!(latest(&app).is_some(), "the first snapshot");
     fake.apply(slice("web", "10.0.0.2", "node-a"));
     let seen_rv = fake.resource_version();
-    eventually("the change", || dump(&app, None, ResourceType::ClusterLoadAssignment).contains("10.0.0.2")).await;
+    assert_eventually!(dump(&app, None, ResourceType::ClusterLoadAssignment).contains("10.0.0.2"), "the change");
     let lists = fake.lists("endpointslices");
 
     // The server ends the watch (its timeout, a restart); a change lands before the client watches again.
     fake.close_watches();
     fake.apply(slice("web", "10.0.0.3", "node-a"));
-    eventually("the change made while no watch was open", || {
-        dump(&app, None, ResourceType::ClusterLoadAssignment).contains("10.0.0.3")
-    })
-    .await;
+    assert_eventually!(
+        { dump(&app, None, ResourceType::ClusterLoadAssignment).contains("10.0.0.3") },
+        "the change made while no watch was open"
+    );
     let versions = fake.watch_versions("endpointslices");
     assert_eq!(versions.last().map(String::as_str), Some(seen_rv.to_string().as_str()), "{versions:?}");
     assert_eq!(fake.lists("endpointslices"), lists, "resumed, not relisted");
@@ -316,23 +313,23 @@ async fn gone_forces_a_relist(gone_as_http: bool) {
     fake.apply(service("api", "10.96.0.20"));
     fake.apply(slice("api", "10.0.1.1", "node-a"));
     let app = start(settings(fake.client(), None)).await;
-    eventually("both Services", || names(&app, ResourceType::Listener).len() == 2).await;
+    assert_eventually!(names(&app, ResourceType::Listener).len() == 2, "both Services");
     let lists = fake.lists("services");
 
     // The API server goes away; meanwhile one Service is deleted and another added, and history is compacted,
     // so the watch cannot resume: 410 Gone.
     fake.set_down(true);
     let refused = fake.refused();
-    eventually("requests refused", || fake.refused() > refused).await;
+    assert_eventually!(fake.refused() > refused, "requests refused");
     assert!(fake.delete("v1", "Service", "shop", "api"));
     assert!(fake.delete("discovery.k8s.io/v1", "EndpointSlice", "shop", "api-1"));
     fake.apply(service("cart", "10.96.0.30"));
     fake.compact();
     fake.set_down(false);
-    eventually("the relisted state", || {
-        names(&app, ResourceType::Listener) == ["svc/shop/cart/http@10.96.0.30", "svc/shop/web/http@10.96.0.10"]
-    })
-    .await;
+    assert_eventually!(
+        { names(&app, ResourceType::Listener) == ["svc/shop/cart/http@10.96.0.30", "svc/shop/web/http@10.96.0.10"] },
+        "the relisted state"
+    );
     assert!(fake.lists("services") > lists, "410 must force a relist");
     // Nothing doubled or left behind: exactly the cluster's Services have Clusters.
     assert_eq!(names(&app, ResourceType::Cluster), ["shop/cart/http", "shop/web/http"]);
@@ -345,19 +342,19 @@ async fn dropped_connections_are_retried_with_backoff_and_resume() {
     let fake = FakeApi::new();
     cluster(&fake);
     let app = start(settings(fake.client(), None)).await;
-    eventually("the first snapshot", || latest(&app).is_some()).await;
+    assert_eventually!(latest(&app).is_some(), "the first snapshot");
     let lists = fake.lists("services");
     fake.set_down(true);
     let refused = fake.refused();
     // Several attempts fail (backoff between them), the control plane keeps serving its last state.
-    eventually("retries while down", || fake.refused() >= refused + 6).await;
+    assert_eventually!(fake.refused() >= refused + 6, "retries while down");
     assert_eq!(names(&app, ResourceType::Listener), ["svc/shop/web/http@10.96.0.10"]);
     fake.apply(service("web", "10.96.0.11"));
     fake.set_down(false);
-    eventually("the change made while down", || {
-        names(&app, ResourceType::Listener) == ["svc/shop/web/http@10.96.0.11"]
-    })
-    .await;
+    assert_eventually!(
+        { names(&app, ResourceType::Listener) == ["svc/shop/web/http@10.96.0.11"] },
+        "the change made while down"
+    );
     assert_eq!(fake.lists("services"), lists, "history was still there: resumed, not relisted");
     app.stop().await;
 }
@@ -372,7 +369,7 @@ async fn a_namespace_restriction_reads_only_that_namespace() {
     let mut s = settings(fake.client(), None);
     s.namespace = Some("shop".into());
     let app = start(s).await;
-    eventually("the first snapshot", || latest(&app).is_some()).await;
+    assert_eventually!(latest(&app).is_some(), "the first snapshot");
     assert_eq!(names(&app, ResourceType::Listener), ["svc/shop/web/http@10.96.0.10"]);
     for c in fake.calls() {
         let cluster_scoped = c.resource == "nodes" || c.resource == "ingressclasses";
@@ -430,42 +427,46 @@ async fn only_the_leader_writes_status_and_a_lease_not_renewed_hands_over() {
     let (client_a, cut_a) = fake.partitioned_client("a");
     let (client_b, _cut_b) = fake.partitioned_client("b");
     let a = start(settings(client_a, Some(status_settings("a")))).await;
-    eventually("a leads", || a.leadership.as_ref().unwrap().is_leader()).await;
+    assert_eventually!(a.leadership.as_ref().unwrap().is_leader(), "a leads");
     let b = start(settings(client_b, Some(status_settings("b")))).await;
-    eventually("b serves too", || latest(&b).is_some()).await;
+    assert_eventually!(latest(&b).is_some(), "b serves too");
     assert!(!b.leadership.as_ref().unwrap().is_leader());
     assert_eq!(holder(&fake).as_deref(), Some("a"));
 
     // The leader writes the ingress Service's address on the Ingress we serve; the other one is left alone.
-    eventually("status written", || lb_status(&fake, "shop") == json!([{"ip": "203.0.113.7"}])).await;
+    assert_eventually!(lb_status(&fake, "shop") == json!([{"ip": "203.0.113.7"}]), "status written");
     assert_eq!(lb_status(&fake, "other"), json!([{"ip": "198.51.100.1"}]));
     // The load balancer's address changes: followed.
     fake.apply(ingress_service("203.0.113.8"));
-    eventually("status updated", || lb_status(&fake, "shop") == json!([{"ip": "203.0.113.8"}])).await;
+    assert_eventually!(lb_status(&fake, "shop") == json!([{"ip": "203.0.113.8"}]), "status updated");
     // An Ingress moved to another class is cleared (it holds our address).
     fake.apply(ingress("moved", "mesh", "/m", None));
-    eventually("status of the new Ingress", || lb_status(&fake, "moved") == json!([{"ip": "203.0.113.8"}])).await;
+    assert_eventually!(lb_status(&fake, "moved") == json!([{"ip": "203.0.113.8"}]), "status of the new Ingress");
     let mut moved = fake.get("networking.k8s.io/v1", "Ingress", "shop", "moved").unwrap();
     moved["spec"]["ingressClassName"] = json!("nginx");
     fake.apply(moved);
-    eventually("status cleared", || lb_status(&fake, "moved").is_null()).await;
+    assert_eventually!(lb_status(&fake, "moved").is_null(), "status cleared");
     assert_eq!(status_writers(&fake), BTreeSet::from(["a".to_owned()]), "only the leader writes");
 
     // The leader is cut off: it cannot renew, steps down; after the lease duration b takes over and writes.
     cut_a.set(true);
     let cut_at = tokio::time::Instant::now();
     let both = || a.leadership.as_ref().unwrap().is_leader() && b.leadership.as_ref().unwrap().is_leader();
-    eventually("a steps down", || {
-        assert!(!both(), "two leaders");
-        !a.leadership.as_ref().unwrap().is_leader()
-    })
-    .await;
+    assert_eventually!(
+        {
+            assert!(!both(), "two leaders");
+            !a.leadership.as_ref().unwrap().is_leader()
+        },
+        "a steps down"
+    );
     let stepped_down = cut_at.elapsed();
-    eventually("b leads", || {
-        assert!(!both(), "two leaders");
-        b.leadership.as_ref().unwrap().is_leader()
-    })
-    .await;
+    assert_eventually!(
+        {
+            assert!(!both(), "two leaders");
+            b.leadership.as_ref().unwrap().is_leader()
+        },
+        "b leads"
+    );
     // a steps down after its renew deadline (1 s after its last renewal, which was at most one retry period,
     // stretched by a loaded machine, before the cut); b waits out the 2 s lease it last saw renewed.
     assert!(stepped_down >= Duration::from_millis(500), "a stepped down after {stepped_down:?}");
@@ -474,17 +475,17 @@ async fn only_the_leader_writes_status_and_a_lease_not_renewed_hands_over() {
     let lease = fake.get("coordination.k8s.io/v1", "Lease", LEASE_NS, "mesh-control").unwrap();
     assert_eq!(lease["spec"]["leaseTransitions"], 1, "{lease}");
     fake.apply(ingress("late", "mesh", "/late", None));
-    eventually("b writes status", || lb_status(&fake, "late") == json!([{"ip": "203.0.113.8"}])).await;
+    assert_eventually!(lb_status(&fake, "late") == json!([{"ip": "203.0.113.8"}]), "b writes status");
     assert!(status_writers(&fake).contains("b"));
     // a comes back: b keeps renewing, a stays a follower and writes nothing more.
     cut_a.set(false);
     let writes_by_a = fake.calls().iter().filter(|c| c.client == "a" && c.resource == "ingresses/status").count();
     fake.apply(ingress("later", "mesh", "/later", None));
-    eventually("b writes again", || lb_status(&fake, "later") == json!([{"ip": "203.0.113.8"}])).await;
-    eventually("a reads the Lease again", || {
-        fake.calls().iter().filter(|c| c.client == "a" && c.resource == "leases").count() > 0
-    })
-    .await;
+    assert_eventually!(lb_status(&fake, "later") == json!([{"ip": "203.0.113.8"}]), "b writes again");
+    assert_eventually!(
+        { fake.calls().iter().filter(|c| c.client == "a" && c.resource == "leases").count() > 0 },
+        "a reads the Lease again"
+    );
     assert!(!a.leadership.as_ref().unwrap().is_leader());
     assert_eq!(
         fake.calls().iter().filter(|c| c.client == "a" && c.resource == "ingresses/status").count(),
@@ -494,7 +495,7 @@ async fn only_the_leader_writes_status_and_a_lease_not_renewed_hands_over() {
     // b shuts down and releases the Lease: a takes it without waiting out the lease duration.
     b.stop().await;
     assert_eq!(holder(&fake), None, "released on shutdown");
-    eventually("a leads again", || a.leadership.as_ref().unwrap().is_leader()).await;
+    assert_eventually!(a.leadership.as_ref().unwrap().is_leader(), "a leads again");
     a.stop().await;
 
     check_rbac(&fake.calls());

@@ -67,7 +67,7 @@ pub const NGINX_SSL_REDIRECT_ANNOTATION: &str = "nginx.ingress.kubernetes.io/ssl
 /// ingress-nginx's forced redirect, honoured on Ingresses with the same meaning (for the Ingress's TLS hosts).
 pub const NGINX_FORCE_SSL_REDIRECT_ANNOTATION: &str = "nginx.ingress.kubernetes.io/force-ssl-redirect";
 /// The body of the 404 an unmatched request gets.
-pub const NOT_FOUND_BODY: &str = "404 page not found: no Ingress rule matches this host and path\n";
+pub use xds_proto::names::NOT_FOUND_BODY;
 
 /// Everything the Ingresses produce.
 #[derive(Debug, Default)]

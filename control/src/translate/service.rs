@@ -40,7 +40,7 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// The Node label that gives an endpoint's zone when the slice does not.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// The default `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
-pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+pub use xds_proto::meta::DEFAULT_AFFINITY_TIMEOUT_SECONDS as DEFAULT_AFFINITY_TIMEOUT;
 
 /// Where a listener accepts traffic; two Services claiming the same one conflict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

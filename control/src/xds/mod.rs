@@ -39,11 +39,13 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
+use xds_proto::client::{NODE_META_INGRESS_CLASS, NODE_META_ROLE};
 use xds_proto::core::Node;
 use xds_proto::discovery::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use xds_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse};
+use xds_proto::names::{ROLE_INGRESS, ROLE_PROXY};
 use xds_proto::types::ResourceType;
 
 use crate::translate::{Role, RoleSnapshot, Snapshot};
@@ -186,9 +188,9 @@ impl XdsMetrics {
 
     /// Records the size of a new snapshot.
     pub fn observe_snapshot(&self, s: &Snapshot) {
-        self.snapshot_resources.get_or_create(&RoleLabels { role: "proxy".into() }).set(s.proxy.len() as i64);
+        self.snapshot_resources.get_or_create(&RoleLabels { role: ROLE_PROXY.into() }).set(s.proxy.len() as i64);
         let ingress: usize = s.ingress.values().map(RoleSnapshot::len).sum();
-        self.snapshot_resources.get_or_create(&RoleLabels { role: "ingress".into() }).set(ingress as i64);
+        self.snapshot_resources.get_or_create(&RoleLabels { role: ROLE_INGRESS.into() }).set(ingress as i64);
         let bytes: usize = std::iter::once(&s.proxy)
             .chain(s.ingress.values())
             .flat_map(|r| ResourceType::ALL.into_iter().flat_map(move |t| r.get(t).values().map(|x| x.body.len())))
@@ -317,8 +319,8 @@ impl XdsServer {
     fn register(&self, node: &Node, role: &Role, protocol: &'static str, peer: Option<SocketAddr>) -> ClientGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let role_name = match role {
-            Role::Proxy => "proxy".to_owned(),
-            Role::Ingress { .. } => "ingress".to_owned(),
+            Role::Proxy => ROLE_PROXY.to_owned(),
+            Role::Ingress { .. } => ROLE_INGRESS.to_owned(),
         };
         let info = ClientInfo {
             node: node.id.clone(),
@@ -394,14 +396,14 @@ pub fn role_of(node: &Node) -> Result<Role, Status> {
             _ => None,
         })
     };
-    match field("role").as_deref() {
-        Some("proxy") => Ok(Role::Proxy),
-        Some("ingress") => Ok(Role::Ingress {
-            class: field("ingressClass").unwrap_or_else(|| xds_proto::DEFAULT_INGRESS_CLASS.into()),
+    match field(NODE_META_ROLE).as_deref() {
+        Some(ROLE_PROXY) => Ok(Role::Proxy),
+        Some(ROLE_INGRESS) => Ok(Role::Ingress {
+            class: field(NODE_META_INGRESS_CLASS).unwrap_or_else(|| xds_proto::DEFAULT_INGRESS_CLASS.into()),
         }),
-        Some(other) => {
-            Err(Status::invalid_argument(format!("node.metadata.role {other:?} is not one of \"proxy\", \"ingress\"")))
-        }
+        Some(other) => Err(Status::invalid_argument(format!(
+            "node.metadata.role {other:?} is not one of {ROLE_PROXY:?}, {ROLE_INGRESS:?}"
+        ))),
         None => Err(Status::invalid_argument(
             "node.metadata.role is missing: set it to \"proxy\" (node proxy) or \"ingress\" (with ingressClass)",
         )),
