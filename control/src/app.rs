@@ -4,13 +4,14 @@
 //! in-process. The snapshot is published on a `watch` channel as an immutable `Arc`: one writer (the loop here),
 //! any number of lock-free readers (the xDS streams), each taking the latest when it is ready for it.
 //!
-//! Either source (manifest folder or Kubernetes API) sends [`Update`]s; the loop applies every update waiting
-//! (a burst of watch events becomes one translation), and publishes nothing until the source says its state is
-//! complete ([`Update::completes`]): the xDS server waits for that first snapshot, and `/ready` says so.
+//! Either source (manifest folder or Kubernetes API) sends [`Update`]s; the loop takes every update waiting (a
+//! burst of watch events becomes one translation) and hands the batch to [`Pipeline::step`], the pure step
+//! (batch in → snapshot and problems out) that publishes nothing until the source says its state is complete
+//! ([`Update::completes`]): the xDS server waits for that first snapshot, and `/ready` says so. The loop only
+//! publishes what the step returns.
 //! With the Kubernetes source and Ingress status configured, the loop also hands the status writer a
 //! [`status::View`] whenever Ingresses or the published Service may have changed.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,9 +23,9 @@ use tracing::{info, warn};
 use xds_proto::names;
 
 use crate::kubernetes::{self, Leadership, Publish, status};
+use crate::pipeline::Pipeline;
 use crate::source::{self, SourceError, Update};
-use crate::store::{Changes, Store};
-use crate::translate::{Options, Problem, Snapshot, Translator};
+use crate::translate::{Options, Snapshot};
 use crate::xds::{XdsConfig, XdsError, XdsMetrics, XdsServer};
 
 /// Why the control plane could not start.
@@ -192,12 +193,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
     let readiness = admin.readiness().clone();
     let task = tokio::spawn(async move {
         let _source = source_guard;
-        let mut store = Store::new();
-        let mut translator = Translator::new(cfg.translate);
-        let mut reported: BTreeSet<Problem> = BTreeSet::new();
-        let mut complete = false;
-        let mut published = false;
-        let mut pending = Changes::default();
+        let mut pipeline = Pipeline::new(cfg.translate);
         loop {
             let first = tokio::select! {
                 _ = stop.wait() => break,
@@ -210,24 +206,14 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                     Err(_) => break,
                 }
             }
-            for u in batch {
-                complete |= u.completes();
-                pending.merge(source::apply(&mut store, u));
-            }
-            // Nothing is published before the state is complete: changes wait in `pending`.
-            if !complete || (published && pending.is_empty()) {
-                continue;
-            }
-            let changes = std::mem::take(&mut pending);
-            let snap = if published { translator.update(&store, &changes) } else { translator.full(&store) };
-            let now: BTreeSet<Problem> = snap.problems.iter().cloned().collect();
-            for p in now.difference(&reported) {
+            let Some(step) = pipeline.step(batch) else { continue };
+            for p in &step.appeared {
                 warn!(object = %p.object, "cannot translate: {}", p.reason);
             }
-            for p in reported.difference(&now) {
+            for p in &step.resolved {
                 info!(object = %p.object, "resolved: {}", p.reason);
             }
-            reported = now;
+            let snap = &step.snapshot;
             info!(
                 listeners = snap.proxy.get(xds_proto::types::ResourceType::Listener).len(),
                 clusters = snap.proxy.get(xds_proto::types::ResourceType::Cluster).len(),
@@ -236,14 +222,15 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                 "snapshot updated"
             );
             loop_metrics.observe_snapshot(snap);
-            tx.send_replace(Some(Arc::new(snap.clone())));
+            tx.send_replace(Some(snap.clone()));
             if let Some((publish, views)) = &status_out {
+                let changes = &step.changes;
                 let publish_changed = match publish {
                     Publish::Service(key) => changes.services.contains(key) || changes.all_services,
                     Publish::Addresses(_) => false,
                 };
-                if !published || changes.ingress || publish_changed {
-                    let v = status::view(&store, translator.served_ingresses(), publish);
+                if step.first || changes.ingress || publish_changed {
+                    let v = status::view(pipeline.store(), pipeline.served_ingresses(), publish);
                     views.send_if_modified(|old| {
                         let differs = old.as_ref() != Some(&v);
                         if differs {
@@ -253,7 +240,6 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
                     });
                 }
             }
-            published = true;
             // Ready once the sources have loaded and the first snapshot is out.
             readiness.set_ready(true);
         }

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod kubernetes;
 pub mod model;
+pub mod pipeline;
 pub mod routes;
 pub mod source;
 pub mod store;
