@@ -78,18 +78,14 @@ struct Args {
     /// Where to serve the admin endpoints (/ready, /metrics, /config_dump, /debug/clients, /logging).
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = "127.0.0.1:19000")]
     admin_addr: std::net::SocketAddr,
-    /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides).
-    #[arg(long, env = "MESH_LOG", default_value = "info")]
-    log: String,
-    /// Log as JSON lines.
-    #[arg(long, env = "MESH_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: mesh_runtime::telemetry::LogArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
+    let logging = args.log.init()?;
     let source = match (&args.manifests, &args.kubeconfig) {
         (Some(dir), _) => {
             app::SourceConfig::Manifests { dir: dir.clone(), debounce: Duration::from_millis(args.debounce_ms) }

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use mesh_runtime::dataplane::{self, ConfigTable, SnapshotError};
+use mesh_runtime::dataplane::{self, SnapshotError};
 use xds_proto::client::{Handler, Update};
 use xds_proto::names;
 use xds_proto::types::ResourceType;
@@ -63,21 +63,4 @@ pub fn load_file(path: &Path, class: &str, shared: &Shared) -> Result<(), Config
     Ok(())
 }
 
-impl ConfigTable for Table {
-    type Error = TableError;
-
-    fn apply<'a>(
-        &self,
-        kind: ResourceType,
-        resources: impl Fn(&str) -> Option<&'a [u8]>,
-        changed: &[String],
-        removed: &[String],
-        version: &str,
-    ) -> Result<Table, TableError> {
-        Table::apply(self, kind, resources, changed, removed, version)
-    }
-
-    fn names(&self, kind: ResourceType) -> Vec<String> {
-        Table::names(self, kind)
-    }
-}
+mesh_runtime::config_table!(Table, TableError);

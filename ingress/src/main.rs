@@ -2,27 +2,21 @@
 //! API.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use mesh_ingress::app::{self, Source};
+use mesh_ingress::app;
 use mesh_ingress::proxy::Settings;
+use mesh_runtime::dataplane::SourceArgs;
 use mesh_runtime::shutdown;
+use mesh_runtime::telemetry::LogArgs;
 
 /// The mesh ingress proxy: HTTP and HTTPS from users to the Pods of Ingress backends.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// The control plane, http://ADDR.
-    #[arg(long, env = "MESH_XDS", required_unless_present = "snapshot")]
-    xds: Option<String>,
-    /// Serve from a snapshot file (meshctl snapshot --role ingress) instead of a control plane.
-    #[arg(long, env = "MESH_SNAPSHOT", conflicts_with = "xds")]
-    snapshot: Option<PathBuf>,
-    /// xDS protocol variant: delta or sotw.
-    #[arg(long, env = "MESH_XDS_PROTOCOL", default_value = "delta")]
-    xds_protocol: xds_proto::client::Protocol,
+    #[command(flatten)]
+    source: SourceArgs,
     /// The IngressClass to serve (its spec.controller must be mesh.dev/ingress-controller).
     #[arg(long, env = "MESH_INGRESS_CLASS", default_value = xds_proto::DEFAULT_INGRESS_CLASS)]
     ingress_class: String,
@@ -92,12 +86,8 @@ struct Args {
     /// On SIGTERM, how long open connections may take to finish, in seconds.
     #[arg(long, env = "MESH_DRAIN_S", default_value_t = 30)]
     drain_s: u64,
-    /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides).
-    #[arg(long, env = "MESH_LOG", default_value = "info")]
-    log: String,
-    /// Log as JSON lines.
-    #[arg(long, env = "MESH_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 // The request path runs on its own worker threads (see `--threads`); this runtime has the admin server, the
@@ -105,8 +95,8 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
-    let source = Source::from_flags(args.xds, args.snapshot, args.xds_protocol)?;
+    let logging = args.log.init()?;
+    let source = args.source.source()?;
     let cfg = app::Config {
         source,
         node: args

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use mesh_runtime::dataplane::{self, ConfigTable, SnapshotError};
+use mesh_runtime::dataplane::{self, SnapshotError};
 use tokio::sync::watch;
 use tracing::info;
 use xds_proto::client::{Handler, Update};
@@ -110,21 +110,4 @@ pub fn load_file(path: &Path, shared: &Shared) -> Result<(), ConfigError> {
     Ok(())
 }
 
-impl ConfigTable for Table {
-    type Error = TableError;
-
-    fn apply<'a>(
-        &self,
-        kind: ResourceType,
-        resources: impl Fn(&str) -> Option<&'a [u8]>,
-        changed: &[String],
-        removed: &[String],
-        version: &str,
-    ) -> Result<Table, TableError> {
-        Table::apply(self, kind, resources, changed, removed, version)
-    }
-
-    fn names(&self, kind: ResourceType) -> Vec<String> {
-        Table::names(self, kind)
-    }
-}
+mesh_runtime::config_table!(Table, TableError);

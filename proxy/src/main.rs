@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use mesh_proxy::app::{self, Source};
+use mesh_proxy::app;
 use mesh_proxy::balance::Algorithm;
 use mesh_proxy::state::DataConfig;
+use mesh_runtime::dataplane::SourceArgs;
 use mesh_runtime::shutdown;
+use mesh_runtime::telemetry::LogArgs;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Lb {
@@ -21,15 +23,8 @@ enum Lb {
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// The control plane, http://ADDR (or https:// with TLS).
-    #[arg(long, env = "MESH_XDS", required_unless_present = "snapshot")]
-    xds: Option<String>,
-    /// Serve from a snapshot file (meshctl snapshot --role proxy) instead of a control plane.
-    #[arg(long, env = "MESH_SNAPSHOT", conflicts_with = "xds")]
-    snapshot: Option<PathBuf>,
-    /// xDS protocol variant: delta or sotw.
-    #[arg(long, env = "MESH_XDS_PROTOCOL", default_value = "delta")]
-    xds_protocol: xds_proto::client::Protocol,
+    #[command(flatten)]
+    source: SourceArgs,
     /// This node's name (Local traffic policies); NODE_NAME from the downward API in a DaemonSet.
     #[arg(long, env = "NODE_NAME")]
     node: String,
@@ -71,12 +66,8 @@ struct Args {
     /// queues or cross-thread wake-ups, which is what one core is fastest with.
     #[arg(long, env = "MESH_WORKERS", default_value_t = 0)]
     workers: usize,
-    /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides).
-    #[arg(long, env = "MESH_LOG", default_value = "info")]
-    log: String,
-    /// Log as JSON lines.
-    #[arg(long, env = "MESH_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,8 +82,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let logging = mesh_runtime::telemetry::init_tracing(&args.log, args.log_json)?;
-    let source = Source::from_flags(args.xds, args.snapshot, args.xds_protocol)?;
+    let logging = args.log.init()?;
+    let source = args.source.source()?;
     let cfg = app::Config {
         source,
         node: args.node,

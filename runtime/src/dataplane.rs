@@ -44,6 +44,27 @@ impl Source {
     }
 }
 
+/// The flags that say where a data plane's configuration comes from (`#[command(flatten)]` them).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceArgs {
+    /// The control plane, http://ADDR (or https:// with TLS).
+    #[arg(long, env = "MESH_XDS", required_unless_present = "snapshot")]
+    pub xds: Option<String>,
+    /// Serve from a snapshot file (meshctl snapshot --role proxy|ingress) instead of a control plane.
+    #[arg(long, env = "MESH_SNAPSHOT", conflicts_with = "xds")]
+    pub snapshot: Option<PathBuf>,
+    /// xDS protocol variant: delta or sotw.
+    #[arg(long, env = "MESH_XDS_PROTOCOL", default_value = "delta")]
+    pub xds_protocol: Protocol,
+}
+
+impl SourceArgs {
+    /// The source the flags name.
+    pub fn source(self) -> Result<Source, ShellError> {
+        Source::from_flags(self.xds, self.snapshot, self.xds_protocol)
+    }
+}
+
 /// Why the shell of a data-plane binary could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ShellError {
@@ -150,6 +171,32 @@ pub trait ConfigTable: Clone {
 
     /// The names of `kind` in the table.
     fn names(&self, kind: ResourceType) -> Vec<String>;
+}
+
+/// Implements [`ConfigTable`] for a table type whose inherent `apply` and `names` have the trait's signatures
+/// (`config_table!(Table, TableError)`), so each data plane writes them once.
+#[macro_export]
+macro_rules! config_table {
+    ($table:ty, $error:ty) => {
+        impl $crate::dataplane::ConfigTable for $table {
+            type Error = $error;
+
+            fn apply<'a>(
+                &self,
+                kind: ::xds_proto::types::ResourceType,
+                resources: impl Fn(&str) -> Option<&'a [u8]>,
+                changed: &[String],
+                removed: &[String],
+                version: &str,
+            ) -> Result<Self, Self::Error> {
+                <$table>::apply(self, kind, resources, changed, removed, version)
+            }
+
+            fn names(&self, kind: ::xds_proto::types::ResourceType) -> Vec<String> {
+                <$table>::names(self, kind)
+            }
+        }
+    };
 }
 
 /// The next table after an xDS update (with `removed` as the names gone), or the reason to NACK it, logged:

@@ -128,6 +128,24 @@ where
     (subscriber, ReloadHandle { inner: handle })
 }
 
+/// The logging flags every binary takes (`#[command(flatten)]` them).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log filter (tracing EnvFilter syntax; RUST_LOG overrides).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    pub log: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "MESH_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl LogArgs {
+    /// Installs the process's subscriber as the flags say ([`init_tracing`]).
+    pub fn init(&self) -> Result<ReloadHandle, RuntimeError> {
+        init_tracing(&self.log, self.log_json)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io;
