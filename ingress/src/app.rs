@@ -114,9 +114,9 @@ pub struct App {
     pub admin: Admin,
     client: Option<ClientHandle>,
     workers: Vec<Worker>,
-    stop_accepting: watch::Sender<bool>,
+    stop_accepting: Shutdown,
     finish: watch::Sender<bool>,
-    stop: watch::Sender<bool>,
+    stop: Shutdown,
     stop_admin: Shutdown,
 }
 
@@ -141,7 +141,7 @@ impl App {
     pub async fn drain(self, deadline: Duration) -> usize {
         self.admin.readiness().set_ready(false);
         self.shared.draining.store(true, Ordering::SeqCst);
-        let _ = self.stop_accepting.send(true);
+        self.stop_accepting.trigger();
         let _ = self.finish.send(true);
         info!(open = self.shared.conns.open(), "draining: no new connections; waiting for open ones");
         // A keep-alive connection between two requests is not closed at once: its client may be sending the
@@ -149,7 +149,7 @@ impl App {
         // answered (with `Connection: close`), as Envoy's drain does; only connections idle that long close
         // (each connection keeps that time itself). Under steady load this leaves no request lost to the drain.
         let left = self.shared.conns.wait_idle(deadline).await;
-        let _ = self.stop.send(true);
+        self.stop.trigger();
         for w in self.workers {
             w.join(Duration::from_secs(10)).await;
         }
@@ -273,10 +273,9 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
 
     let tls = crate::tls::server_config(shared.resolver.clone(), cfg.tls_session_cache)?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-    let (stop_accepting, stop_accepting_rx) = watch::channel(false);
+    let (stop_accepting, stop) = (Shutdown::new(), Shutdown::new());
     let (finish, finish_rx) = watch::channel(false);
-    let (stop, stop_rx) = watch::channel(false);
-    let signals = Signals { stop_accepting: stop_accepting_rx, finish: finish_rx, stop: stop_rx };
+    let signals = Signals { stop_accepting: stop_accepting.clone(), finish: finish_rx, stop: stop.clone() };
     // Worker i gets the i-th socket of every address.
     let mut per_worker: Vec<Vec<Listener>> = (0..threads).map(|_| Vec::new()).collect();
     for group in plain {
@@ -292,7 +291,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         match Worker::spawn(i, listeners, shared.clone(), signals.clone()) {
             Ok(w) => workers.push(w),
             Err(e) => {
-                let _ = stop.send(true);
+                stop.trigger();
                 stop_admin.trigger();
                 return Err(AppError::Thread(e));
             }

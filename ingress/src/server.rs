@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
+use mesh_runtime::Shutdown;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -57,15 +58,16 @@ pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpList
     Ok(out)
 }
 
-/// The signals of a drain, as the workers see them.
+/// The signals of a drain, as the workers see them: the process's drain primitive ([`Shutdown`]) for the
+/// listeners and the workers; `finish` is the `watch` the request paths ([`crate::h1`], [`crate::h2`]) take.
 #[derive(Debug, Clone)]
 pub struct Signals {
-    /// True: close the listeners.
-    pub stop_accepting: watch::Receiver<bool>,
+    /// Triggered: close the listeners.
+    pub stop_accepting: Shutdown,
     /// True: connections end after their request in flight.
     pub finish: watch::Receiver<bool>,
-    /// True: the workers stop (open connections are dropped).
-    pub stop: watch::Receiver<bool>,
+    /// Triggered: the workers stop (open connections are dropped).
+    pub stop: Shutdown,
 }
 
 /// One listening socket of a worker.
@@ -108,8 +110,7 @@ impl Worker {
                         Err(e) => warn!("cannot use a listening socket: {e}"),
                     }
                 }
-                let mut stop = signals.stop.clone();
-                let _ = stop.wait_for(|v| *v).await;
+                signals.stop.wait().await;
             });
             // Dropping the runtime ends whatever is still running on it.
             drop(rt);
@@ -131,7 +132,6 @@ async fn accept_loop(
     shared: Arc<Shared>,
     signals: Signals,
 ) {
-    let mut stop = signals.stop_accepting.clone();
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -145,7 +145,7 @@ async fn accept_loop(
                     mesh_runtime::accept::pause_after(&e).await;
                 }
             },
-            _ = async { stop.wait_for(|v| *v).await.is_ok() } => break,
+            _ = signals.stop_accepting.wait() => break,
         }
     }
     // Dropping the listener closes the socket: new connections are refused from here on.
