@@ -5,12 +5,11 @@
 //! costs one Service.
 
 pub mod app;
+pub mod demo_pod;
 pub mod kubernetes;
 pub mod model;
 pub mod pipeline;
-pub mod routes;
 pub mod source;
 pub mod store;
 pub mod translate;
-pub mod up;
 pub mod xds;

@@ -55,7 +55,7 @@ async fn start_pod(n: u32, port: u16) -> anyhow::Result<Pod> {
     let ip = Ipv4Addr::new(127, 73, (n / 250) as u8, (n % 250 + 1) as u8);
     let name = format!("web-{n}");
     let l = TcpListener::bind((ip, port)).await.with_context(|| format!("pod {name} on {ip}:{port}"))?;
-    let task = tokio::spawn(mesh_control::up::http_pod(l, format!("soak/{name}")));
+    let task = tokio::spawn(mesh_control::demo_pod::http_pod(l, format!("soak/{name}")));
     Ok(Pod { name, ip, task })
 }
 

@@ -171,7 +171,10 @@ async fn user_to_pod_through_lb_nodeport_ingress_and_tls_and_pod_to_clusterip() 
         for (name, i) in names {
             let l = std::net::TcpListener::bind((pod_ip(*i), target))?;
             l.set_nonblocking(true)?;
-            tasks.push(tokio::spawn(mesh_control::up::http_pod(TcpListener::from_std(l)?, format!("{NS}/{name}"))));
+            tasks.push(tokio::spawn(mesh_control::demo_pod::http_pod(
+                TcpListener::from_std(l)?,
+                format!("{NS}/{name}"),
+            )));
             out.push(((*name).to_owned(), pod_ip(*i)));
         }
         Ok(out)

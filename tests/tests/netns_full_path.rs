@@ -252,7 +252,7 @@ impl Cluster {
             let l = ns.tcp_listener(sa(spec.ip, POD_PORT))?;
             l.set_nonblocking(true)?;
             let l = tokio::net::TcpListener::from_std(l)?;
-            tasks.push(tokio::spawn(mesh_control::up::http_pod(l, format!("{NS}/{}", spec.name))));
+            tasks.push(tokio::spawn(mesh_control::demo_pod::http_pod(l, format!("{NS}/{}", spec.name))));
         }
         let pods = Pods(tasks);
 

@@ -1,11 +1,14 @@
-//! `meshctl`: see where traffic goes, and write what a proxy would be sent.
+//! `meshctl`: see where traffic goes, and write what a proxy would be sent. Its features live here, not in
+//! the library: [`routes`] (the routing table an operator reads) and [`up`] (the local mesh).
+
+mod routes;
+mod up;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_control::routes;
 use mesh_control::source::{load_dir, sync};
 use mesh_control::store::Store;
 use mesh_control::translate::{Options, Role, Snapshot, translate};
@@ -124,15 +127,15 @@ enum Command {
 
 /// `examples/shop`, built in: `meshctl up` with no folder runs it.
 const EXAMPLE: [(&str, &str); 9] = [
-    ("api.yaml", include_str!("../../../examples/shop/api.yaml")),
-    ("dns.yaml", include_str!("../../../examples/shop/dns.yaml")),
-    ("ingress-service.yaml", include_str!("../../../examples/shop/ingress-service.yaml")),
-    ("ingress.yaml", include_str!("../../../examples/shop/ingress.yaml")),
-    ("ingressclass.yaml", include_str!("../../../examples/shop/ingressclass.yaml")),
-    ("legacy.yaml", include_str!("../../../examples/shop/legacy.yaml")),
-    ("notfound.yaml", include_str!("../../../examples/shop/notfound.yaml")),
-    ("tls.yaml", include_str!("../../../examples/shop/tls.yaml")),
-    ("web.yaml", include_str!("../../../examples/shop/web.yaml")),
+    ("api.yaml", include_str!("../../../../examples/shop/api.yaml")),
+    ("dns.yaml", include_str!("../../../../examples/shop/dns.yaml")),
+    ("ingress-service.yaml", include_str!("../../../../examples/shop/ingress-service.yaml")),
+    ("ingress.yaml", include_str!("../../../../examples/shop/ingress.yaml")),
+    ("ingressclass.yaml", include_str!("../../../../examples/shop/ingressclass.yaml")),
+    ("legacy.yaml", include_str!("../../../../examples/shop/legacy.yaml")),
+    ("notfound.yaml", include_str!("../../../../examples/shop/notfound.yaml")),
+    ("tls.yaml", include_str!("../../../../examples/shop/tls.yaml")),
+    ("web.yaml", include_str!("../../../../examples/shop/web.yaml")),
 ];
 
 fn offline(dir: &Path) -> anyhow::Result<Snapshot> {
@@ -270,7 +273,7 @@ fn main() -> anyhow::Result<()> {
                 Some(d) => d,
                 None => std::env::current_exe()?.parent().context("meshctl has no folder")?.to_owned(),
             };
-            let cfg = mesh_control::up::UpConfig { dir, bin_dir, node, ingress_class, ingress_service };
+            let cfg = up::UpConfig { dir, bin_dir, node, ingress_class, ingress_service };
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async {
                 let until = async {
                     if let Err(e) = mesh_runtime::shutdown::signal().await {
@@ -278,7 +281,7 @@ fn main() -> anyhow::Result<()> {
                         std::future::pending::<()>().await;
                     }
                 };
-                mesh_control::up::run(cfg, until).await
+                up::run(cfg, until).await
             })?;
         }
     }

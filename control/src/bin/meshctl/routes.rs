@@ -18,7 +18,7 @@ use xds_proto::meta;
 use xds_proto::route::{RouteConfiguration, route, route_action, route_match};
 use xds_proto::types::ResourceType;
 
-use crate::translate::{RoleSnapshot, Snapshot};
+use mesh_control::translate::{RoleSnapshot, Snapshot};
 
 /// Why the table could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -420,9 +420,9 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Object, Parsed};
-    use crate::store::Store;
-    use crate::translate::{Options, translate};
+    use mesh_control::model::{Object, Parsed};
+    use mesh_control::store::Store;
+    use mesh_control::translate::{Options, translate};
     use serde_json::json;
 
     fn store(objs: Vec<serde_json::Value>) -> Store {
