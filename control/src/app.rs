@@ -22,9 +22,10 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use xds_proto::names;
 
-use crate::kubernetes::{self, Leadership, Publish, status};
 use crate::pipeline::Pipeline;
+use crate::source::kubernetes;
 use crate::source::{self, SourceError, Update};
+use crate::status::{self, Leadership, Publish};
 use crate::translate::{Options, Snapshot};
 use crate::xds::{XdsConfig, XdsError, XdsMetrics, XdsServer};
 
@@ -179,7 +180,7 @@ pub async fn build(cfg: Config) -> Result<App, AppError> {
         && let Some(st) = &k.status
     {
         let (lead, elector) =
-            kubernetes::lease::spawn(k.client.clone(), st.lease.clone(), shutdown.clone(), kube_metrics.clone());
+            status::lease::spawn(k.client.clone(), st.lease.clone(), shutdown.clone(), kube_metrics.clone());
         let (view_tx, view_rx) = watch::channel(None);
         let writer =
             status::spawn(k.client.clone(), view_rx, lead.clone(), st.retry, shutdown.clone(), kube_metrics.clone());

@@ -6,10 +6,12 @@
 
 pub mod app;
 pub mod demo_pod;
-pub mod kubernetes;
 pub mod model;
 pub mod pipeline;
 pub mod source;
+pub mod status;
 pub mod store;
+#[cfg(any(test, feature = "fake-api"))]
+pub mod testing;
 pub mod translate;
 pub mod xds;

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use mesh_control::app;
+use mesh_control::source::kubernetes;
 use mesh_control::translate::Options;
-use mesh_control::{app, kubernetes};
 
 /// The mesh control plane.
 #[derive(Debug, Parser)]

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
-use mesh_control::kubernetes::fake::FakeApi;
+use mesh_control::testing::fake::FakeApi;
 use mesh_tests::{Process, eventually, wait_for_line, workspace_bin};
 use serde_json::{Value, json};
 
@@ -107,7 +107,7 @@ async fn mesh_control_watches_a_cluster_through_a_kubeconfig() -> anyhow::Result
     // Every call the binary made is allowed by deploy/'s RBAC, and every grant there was used.
     let rbac =
         std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/10-rbac.yaml"))?;
-    let rules = mesh_control::kubernetes::rbac::Rules::parse(&rbac, "mesh-control")?;
+    let rules = mesh_control::testing::rbac::Rules::parse(&rbac, "mesh-control")?;
     let unused = rules.check(&fake.calls())?;
     anyhow::ensure!(unused.is_empty(), "deploy/10-rbac.yaml grants what mesh-control never calls: {unused:?}");
     Ok(())

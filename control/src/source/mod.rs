@@ -2,9 +2,10 @@
 //!
 //! Two sources feed the same path: a folder of manifests ([`manifests`]), loaded whole, watched, and synced into
 //! the store with [`sync`], which turns a full listing into the minimal [`Changes`] so translation recomputes only
-//! what moved; and the Kubernetes API ([`crate::kubernetes`]), whose watchers send one [`Update`] per event. Both
+//! what moved; and the Kubernetes API ([`kubernetes`]), whose watchers send one [`Update`] per event. Both
 //! speak [`Update`], applied by [`apply`], so the app loop does not care which one runs.
 
+pub mod kubernetes;
 pub mod manifests;
 
 pub use manifests::{Loaded, Rejected, SourceError, WatchHandle, load_dir, watch};

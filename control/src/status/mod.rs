@@ -3,7 +3,7 @@
 //!
 //! The addresses come from the ingress Service's LoadBalancer status (`--publish-service ns/name`; its
 //! `spec.externalIPs` when it has no load balancer address), or are given (`--publish-address`). The app loop
-//! hands the writer a [`View`] after each change; the writer, only while it leads (see [`super::lease`]), patches
+//! hands the writer a [`View`] after each change; the writer, only while it leads (see [`lease`]), patches
 //! each Ingress whose status differs:
 //! - an Ingress of our classes gets the published addresses;
 //! - an Ingress we do not serve (its class changed, our IngressClass was deleted) is cleared, but only if its
@@ -25,8 +25,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use super::{KubeError, Leadership, LeaseSettings};
+pub mod lease;
+
+pub use lease::{Leadership, LeaseSettings};
+
 use crate::model::NsName;
+use crate::source::kubernetes::KubeError;
 use crate::store::Store;
 
 /// Where the addresses written into Ingress status come from.
@@ -171,7 +175,7 @@ pub fn spawn(
     mut leadership: Leadership,
     retry: Duration,
     shutdown: Shutdown,
-    metrics: super::KubeMetrics,
+    metrics: crate::source::kubernetes::KubeMetrics,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         // Ingresses this process set to our addresses: cleared when we stop serving them even if the published

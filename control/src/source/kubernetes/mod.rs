@@ -1,26 +1,17 @@
-//! The Kubernetes API source, and what the control plane writes back: Ingress status under a leader Lease.
+//! The Kubernetes API source: the client, its settings and metrics, and the watchers.
 //!
 //! - [`watch`]: one `kube-runtime` watcher per kind we read (Service, EndpointSlice, Ingress, IngressClass, TLS
 //!   Secret, Node), each object trimmed to what translation reads, turned into [`crate::source::Update`]s: the
 //!   same store → translate → xDS path as the manifest folder. A (re)list becomes one [`Update::Relist`], so
 //!   objects deleted while a watch was down (`410 Gone`, API server restart) disappear, and nothing is doubled;
 //!   [`Update::Synced`] follows the first list of every kind, and only then does the app serve.
-//! - [`lease`]: leader election with a `coordination.k8s.io/v1` Lease, as client-go's leaderelection does it.
-//! - [`status`]: the leader writes `status.loadBalancer.ingress` of the Ingresses we serve.
-//! - `fake` (tests, or the `fake-api` feature): an in-memory API server speaking real list/watch JSON.
+//! - What the control plane writes back (the Lease election and Ingress status) is in [`crate::status`]; the
+//!   in-memory API server the tests run against is `crate::testing::fake` (tests, or the `fake-api` feature).
 //!
 //! [`Update::Relist`]: crate::source::Update::Relist
 //! [`Update::Synced`]: crate::source::Update::Synced
 
-#[cfg(any(test, feature = "fake-api"))]
-pub mod rbac;
-
-pub mod lease;
-pub mod status;
 pub mod watch;
-
-#[cfg(any(test, feature = "fake-api"))]
-pub mod fake;
 
 #[cfg(test)]
 mod tests;
@@ -35,8 +26,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-pub use lease::{Leadership, LeaseSettings};
-pub use status::{Publish, StatusSettings};
+pub use crate::status::lease::{Leadership, LeaseSettings};
+pub use crate::status::{Publish, StatusSettings};
 
 /// Why the Kubernetes source could not start.
 #[derive(Debug, thiserror::Error)]

@@ -105,7 +105,7 @@ pub fn spawn(
     client: kube::Client,
     settings: LeaseSettings,
     shutdown: Shutdown,
-    metrics: super::KubeMetrics,
+    metrics: crate::source::kubernetes::KubeMetrics,
 ) -> (Leadership, JoinHandle<()>) {
     let (tx, rx) = watch::channel(false);
     metrics.set_leader(false);
@@ -277,7 +277,7 @@ impl Elector {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubernetes::fake::FakeApi;
+    use crate::testing::fake::FakeApi;
     use serde_json::Value;
 
     fn fast(identity: &str) -> LeaseSettings {
@@ -294,7 +294,9 @@ mod tests {
         let shutdown = Shutdown::new();
         let electors: Vec<_> = ["a", "b", "c"]
             .iter()
-            .map(|id| spawn(fake.client(), fast(id), shutdown.clone(), crate::kubernetes::KubeMetrics::default()))
+            .map(|id| {
+                spawn(fake.client(), fast(id), shutdown.clone(), crate::source::kubernetes::KubeMetrics::default())
+            })
             .collect();
         let leaders = || electors.iter().filter(|(l, _)| l.is_leader()).count();
         mesh_tests::assert_eventually!(within Duration::from_secs(10), leaders() > 0, "somebody leads");

@@ -11,9 +11,9 @@ use mesh_tests::assert_eventually;
 use serde_json::{Value, json};
 use xds_proto::types::ResourceType;
 
-use super::fake::{ApiCall, FakeApi};
 use super::*;
 use crate::app::{self, App, SourceConfig};
+use crate::testing::fake::{ApiCall, FakeApi};
 use crate::translate::{Options, Snapshot};
 use crate::xds::XdsConfig;
 
@@ -505,7 +505,7 @@ async fn only_the_leader_writes_status_and_a_lease_not_renewed_hands_over() {
 fn check_rbac(calls: &[ApiCall]) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/10-rbac.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let rbac = super::rbac::Rules::parse(&text, "mesh-control").unwrap();
+    let rbac = crate::testing::rbac::Rules::parse(&text, "mesh-control").unwrap();
     let unused = rbac.check(calls).unwrap_or_else(|e| panic!("{e}"));
     assert!(unused.is_empty(), "deploy/10-rbac.yaml grants what the control plane never calls: {unused:?}");
 }
