@@ -1,7 +1,7 @@
 //! The manifests in `deploy/`: valid against the Kubernetes OpenAPI schemas (offline, with the
 //! `kubernetes-validate` PyPI package), and consistent with the code (the IngressClass controller, the control
 //! plane's Service, every binary in the image). The RBAC rules are checked against the API calls the control plane
-//! really makes in control's own tests (`control/src/kubernetes/tests.rs`, `check_rbac`).
+//! really makes in control's own tests (`control/src/source/kubernetes/tests.rs`, `check_rbac`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
