@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
+use rustls_pki_types::pem::PemObject;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -663,4 +664,42 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     assert_eq!(a.hits.load(Ordering::SeqCst), 20);
     assert_eq!(a.conns.load(Ordering::SeqCst), 1, "the upstream connection is reused");
     app.drain(WAIT).await;
+}
+
+/// TLS sessions resume from the server-side cache (a second connection from the same client is an abbreviated
+/// handshake), and `tls_session_cache: 0` turns that off (every handshake is full).
+#[tokio::test]
+async fn tls_sessions_resume_unless_the_cache_is_off() {
+    let a = Backend::start("a").await;
+    let (ca, ka) = cert(&["r.example.com"]);
+    let mut snap = Snap::default().cluster("ns/a/80", &[a.addr]);
+    snap.vhosts = vec![vhost("r.example.com", vec![prefix("/", to("ns/a/80"))])];
+    snap.secrets.insert("ns/r-tls".into(), (ca.clone(), ka, vec!["r.example.com".into()]));
+    for (cache, want) in [(4096, rustls::HandshakeKind::Resumed), (0, rustls::HandshakeKind::Full)] {
+        let (app, _dir) = ingress_with(&snap, |c| c.tls_session_cache = cache).await;
+        let mut store = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            store.add(c.unwrap()).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let s = TcpStream::connect(app.https_addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("r.example.com").unwrap();
+            let mut s = connector.connect(name, s).await.unwrap();
+            kinds.push(s.get_ref().1.handshake_kind());
+            // One exchange, so the client reads the session tickets sent after the handshake.
+            s.write_all(b"GET / HTTP/1.1\r\nHost: r.example.com\r\nConnection: close\r\n\r\n").await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().ok();
+            assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+        }
+        assert_eq!(kinds, vec![Some(rustls::HandshakeKind::Full), Some(want)], "session cache {cache}");
+        app.drain(WAIT).await;
+    }
 }
