@@ -8,11 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rustls_pki_types::pem::PemObject;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use mesh_ingress::proxy::NOT_FOUND_BODY;
+use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
