@@ -327,6 +327,12 @@ impl KubeApiServer {
         kubeconfig(server.unwrap_or(&self.url()), &self.pki.ca_pem, &format!("token: {token}"))
     }
 
+    /// A file of the server's folder: `ca.crt`, `serving.crt`/`serving.key` (the API server's certificate, for
+    /// 127.0.0.1), `admin.kubeconfig`, `audit.log`.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     /// Writes `text` into a file of the server's folder and returns its path.
     pub fn write_file(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
         let path = self.dir.path().join(name);
