@@ -342,7 +342,7 @@ impl KubeApiServer {
 
     /// Creates a namespace named `{prefix}-{random}` and returns its name.
     pub async fn namespace(&self, prefix: &str) -> anyhow::Result<String> {
-        let name = format!("{prefix}-{:08x}", fastrand_u32());
+        let name = format!("{prefix}-{:08x}", random_u32());
         self.apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})).await?;
         Ok(name)
     }
@@ -463,7 +463,7 @@ impl KubeApiServer {
     }
 }
 
-fn fastrand_u32() -> u32 {
+fn random_u32() -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
