@@ -703,3 +703,68 @@ async fn tls_sessions_resume_unless_the_cache_is_off() {
         app.drain(WAIT).await;
     }
 }
+
+/// Every response carries `Server` (the Ingress conformance suite checks it with `Date`, `Content-Type` and
+/// `Content-Length`): the upstream's own when it sent one, else ours; on HTTP/1.1 and HTTP/2, for proxied
+/// responses and our own answers (404, 503, redirects).
+#[tokio::test]
+async fn every_response_has_a_server_header() {
+    // A backend that names itself, and the echo backend that does not.
+    let named = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let named_addr = named.local_addr().unwrap();
+    let named_task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = named.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let r = b"HTTP/1.1 200 OK\r\nServer: backend/1.0\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
+                    if s.write_all(r).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let echo = Backend::start("echo").await;
+    let mut snap = Snap::default().cluster("ns/named/80", &[named_addr]).cluster("ns/echo/80", &[echo.addr]);
+    snap.vhosts = vec![vhost(
+        "h",
+        vec![
+            exact("/named", to("ns/named/80")),
+            exact("/gone", direct(503, "503 gone\n")),
+            exact("/moved", redirect()),
+            prefix("/echo", to("ns/echo/80")),
+        ],
+    )];
+    let (app, _dir) = ingress(&snap).await;
+    let at = app.http_addr;
+    let server = |r: &Reply| r.headers.get("server").map(|v| v.to_str().unwrap().to_owned());
+    let r = get(at, "h", "/named").await.unwrap();
+    assert_eq!(server(&r).as_deref(), Some("backend/1.0"), "the upstream's own Server is kept");
+    let r = get(at, "h", "/echo").await.unwrap();
+    assert_eq!(server(&r).as_deref(), Some("mesh"));
+    for h in ["date", "content-type", "content-length"] {
+        assert!(r.headers.contains_key(h), "{h} missing on a proxied response");
+    }
+    for (path, status) in [("/nothing", 404), ("/gone", 503), ("/moved", 308)] {
+        let host = if path == "/nothing" { "other" } else { "h" };
+        let r = get(at, host, path).await.unwrap();
+        assert_eq!(r.status, status, "{path}");
+        assert_eq!(server(&r).as_deref(), Some("mesh"), "{path}");
+        for h in ["date", "content-type", "content-length"] {
+            assert!(r.headers.contains_key(h), "{h} missing on our {status}");
+        }
+    }
+    // HTTP/2 (h2c): the same.
+    let mut tx = h2_over(TcpStream::connect(at).await.unwrap()).await.unwrap();
+    for (path, want) in [("/named", "backend/1.0"), ("/echo", "mesh"), ("/gone", "mesh"), ("/moved", "mesh")] {
+        let req = Request::get(format!("http://h{path}")).body(Full::new(Bytes::new())).unwrap();
+        let r = tx.send_request(req).await.unwrap();
+        assert_eq!(r.headers().get("server").and_then(|v| v.to_str().ok()), Some(want), "h2 {path}");
+    }
+    app.drain(WAIT).await;
+    named_task.abort();
+}
