@@ -526,7 +526,9 @@ fn prepare(buf: &[u8], c: &Who, s: &Settings, table: &crate::table::Table, out: 
         }
         match framing {
             Framing::Length(n) => {
-                let _ = write!(out, "Content-Length: {n}\r\n");
+                out.extend_from_slice(b"Content-Length: ");
+                push_u64(out, n);
+                out.extend_from_slice(b"\r\n");
             }
             Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
             _ => {}
@@ -557,7 +559,9 @@ fn prepare(buf: &[u8], c: &Who, s: &Settings, table: &crate::table::Table, out: 
         match fport {
             Some(p) => header(out, b"X-Forwarded-Port", p),
             None => {
-                let _ = write!(out, "X-Forwarded-Port: {}\r\n", c.local_port);
+                out.extend_from_slice(b"X-Forwarded-Port: ");
+                push_u64(out, u64::from(c.local_port));
+                out.extend_from_slice(b"\r\n");
             }
         }
         if !real_ip {
@@ -761,7 +765,7 @@ impl Conn {
                     return self.fail(io, shared, p, ex, f).await;
                 }
             }
-            match self.read_response_head(&mut up, s, p).await {
+            match self.read_response_head(&mut up, s, p, keep).await {
                 Ok(head) => break (up, addr, head, flight),
                 Err(Fail::Upstream) if reused && replayable => {
                     // The pooled connection was closed under us before it answered: nothing was processed.
@@ -771,14 +775,8 @@ impl Conn {
             }
         };
         ex.status = resp.status;
-
-        // The response head for the client, then the body.
-        let client_keep = keep && resp.framing != Framing::Close && !(p.http10 && resp.framing == Framing::Chunked);
-        let dechunk = p.http10 && resp.framing == Framing::Chunked;
-        self.wbuf.clear();
-        if let Err(f) = self.client_head(&resp, p, client_keep, dechunk) {
-            return self.fail(io, shared, p, ex, f).await;
-        }
+        // The client's response head is in `wbuf` now (written as the upstream's was parsed); then the body.
+        let (client_keep, dechunk) = client_framing(&resp, p, keep);
         self.ubuf.advance(resp.head_len);
 
         if resp.status == 101 {
@@ -953,25 +951,38 @@ impl Conn {
         }
     }
 
-    /// Reads the upstream's response head into `ubuf` (skipping interim 1xx other than 101).
+    /// Reads the upstream's response head into `ubuf` (skipping interim 1xx other than 101) and, from the same
+    /// parse, writes the client's response head into `wbuf`.
     async fn read_response_head(
         &mut self,
         up: &mut TcpStream,
         s: &Settings,
         p: &Prepared,
+        keep: bool,
     ) -> Result<ResponseHead, Fail> {
         self.ubuf.clear();
         let deadline = tokio::time::Instant::now() + s.upstream_timeout;
         let mut got_any = false;
         loop {
             if !self.ubuf.is_empty() {
-                match parse_response(&self.ubuf, p.head) {
-                    Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
+                let wbuf = &mut self.wbuf;
+                let parsed = parse_response_with(&self.ubuf, p.head, |head, r| {
+                    if head.status == 101 && !p.websocket {
+                        return false;
+                    }
+                    let (keep, dechunk) = client_framing(head, p, keep);
+                    wbuf.clear();
+                    write_client_head(wbuf, r, head, p, keep, dechunk);
+                    true
+                });
+                match parsed {
+                    Ok(Some((h, None))) => {
+                        // Interim 1xx: skipped.
                         self.ubuf.advance(h.head_len);
                         continue;
                     }
-                    Ok(Some(h)) if h.status == 101 && !p.websocket => return Err(Fail::BadResponse),
-                    Ok(Some(h)) => return Ok(h),
+                    Ok(Some((_, Some(false)))) => return Err(Fail::BadResponse),
+                    Ok(Some((h, Some(true)))) => return Ok(h),
                     Ok(None) if self.ubuf.len() > MAX_RESPONSE_HEAD => return Err(Fail::BadResponse),
                     Ok(None) => {}
                     Err(()) => return Err(Fail::BadResponse),
@@ -985,73 +996,6 @@ impl Conn {
                 Err(_) => return Err(Fail::Timeout),
             }
         }
-    }
-
-    /// Writes the client's response head for `resp` (whose head is at the start of `ubuf`) into `wbuf`.
-    fn client_head(&mut self, resp: &ResponseHead, p: &Prepared, keep: bool, dechunk: bool) -> Result<(), Fail> {
-        let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
-        let mut r = httparse::Response::new(&mut slots);
-        if !matches!(r.parse(&self.ubuf), Ok(httparse::Status::Complete(_))) {
-            return Err(Fail::BadResponse);
-        }
-        let w = &mut self.wbuf;
-        let reason = r.reason.unwrap_or("");
-        let _ = write!(w, "HTTP/1.1 {} {}\r\n", resp.status, reason);
-        let mut named: [&[u8]; 8] = [b""; 8];
-        let mut n_named = 0;
-        for h in r.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
-            for t in codec::tokens(h.value) {
-                if n_named < named.len() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
-                {
-                    named[n_named] = t;
-                    n_named += 1;
-                }
-            }
-        }
-        let mut server = false;
-        for h in r.headers.iter() {
-            let name = h.name.as_bytes();
-            if resp.status == 101 && (name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"connection"))
-            {
-                header(w, name, h.value);
-                continue;
-            }
-            if proxy::hop_by_hop(name)
-                || name.eq_ignore_ascii_case(b"content-length")
-                || name.eq_ignore_ascii_case(b"x-request-id")
-                || named[..n_named].iter().any(|n| n.eq_ignore_ascii_case(name))
-            {
-                continue;
-            }
-            server |= name.eq_ignore_ascii_case(b"server");
-            header(w, name, h.value);
-        }
-        if !server {
-            header(w, b"Server", SERVER.as_bytes());
-        }
-        header(w, b"X-Request-Id", p.request_id.as_str().as_bytes());
-        match resp.framing {
-            Framing::Length(n) => {
-                let _ = write!(w, "Content-Length: {n}\r\n");
-            }
-            Framing::None if p.head => {
-                // A HEAD response keeps the length the upstream announced.
-                if let Some(h) = r.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length")) {
-                    header(w, b"Content-Length", h.value);
-                }
-            }
-            Framing::Chunked if !dechunk => w.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-            _ => {}
-        }
-        if resp.status != 101 {
-            if !keep {
-                w.extend_from_slice(b"Connection: close\r\n");
-            } else if p.http10 {
-                w.extend_from_slice(b"Connection: keep-alive\r\n");
-            }
-        }
-        w.extend_from_slice(b"\r\n");
-        Ok(())
     }
 
     /// Answers a request that could not be proxied, when nothing of a response has been sent yet, and ends the
@@ -1093,8 +1037,110 @@ impl Conn {
     }
 }
 
+/// Whether the client connection stays open after this response, and whether a chunked body must be decoded
+/// for it (an HTTP/1.0 client cannot receive chunked; then the connection closes at the body's end).
+fn client_framing(resp: &ResponseHead, p: &Prepared, keep: bool) -> (bool, bool) {
+    let dechunk = p.http10 && resp.framing == Framing::Chunked;
+    (keep && resp.framing != Framing::Close && !dechunk, dechunk)
+}
+
+/// Writes the client's response head for the upstream's `r` into `w`.
+fn write_client_head(
+    w: &mut Vec<u8>,
+    r: &httparse::Response<'_, '_>,
+    resp: &ResponseHead,
+    p: &Prepared,
+    keep: bool,
+    dechunk: bool,
+) {
+    w.extend_from_slice(b"HTTP/1.1 ");
+    push_u64(w, u64::from(resp.status));
+    w.push(b' ');
+    w.extend_from_slice(r.reason.unwrap_or("").as_bytes());
+    w.extend_from_slice(b"\r\n");
+    let mut named: [&[u8]; 8] = [b""; 8];
+    let mut n_named = 0;
+    for h in r.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
+        for t in codec::tokens(h.value) {
+            if n_named < named.len() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive") {
+                named[n_named] = t;
+                n_named += 1;
+            }
+        }
+    }
+    let mut server = false;
+    for h in r.headers.iter() {
+        let name = h.name.as_bytes();
+        if resp.status == 101 && (name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"connection")) {
+            header(w, name, h.value);
+            continue;
+        }
+        if proxy::hop_by_hop(name)
+            || name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"x-request-id")
+            || named[..n_named].iter().any(|n| n.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        server |= name.eq_ignore_ascii_case(b"server");
+        header(w, name, h.value);
+    }
+    if !server {
+        header(w, b"Server", SERVER.as_bytes());
+    }
+    header(w, b"X-Request-Id", p.request_id.as_str().as_bytes());
+    match resp.framing {
+        Framing::Length(n) => {
+            w.extend_from_slice(b"Content-Length: ");
+            push_u64(w, n);
+            w.extend_from_slice(b"\r\n");
+        }
+        Framing::None if p.head => {
+            // A HEAD response keeps the length the upstream announced.
+            if let Some(h) = r.headers.iter().find(|h| h.name.eq_ignore_ascii_case("content-length")) {
+                header(w, b"Content-Length", h.value);
+            }
+        }
+        Framing::Chunked if !dechunk => w.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        _ => {}
+    }
+    if resp.status != 101 {
+        if !keep {
+            w.extend_from_slice(b"Connection: close\r\n");
+        } else if p.http10 {
+            w.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+    }
+    w.extend_from_slice(b"\r\n");
+}
+
+/// Appends a number in decimal, without the formatting machinery.
+pub(crate) fn push_u64(w: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    w.extend_from_slice(&digits[i..]);
+}
+
 /// Parses a response head: `Ok(None)` while incomplete. `head`: the request was HEAD (no body follows).
 pub(crate) fn parse_response(buf: &[u8], head: bool) -> Result<Option<ResponseHead>, ()> {
+    Ok(parse_response_with(buf, head, |_, _| ())?.map(|(h, _)| h))
+}
+
+/// Parses a response head and, when it is a final one (or 101), hands it with its parsed headers to `f`: one
+/// parse serves both the framing decision and the rewriting. Interim 1xx give `(head, None)`.
+pub(crate) fn parse_response_with<T>(
+    buf: &[u8],
+    head: bool,
+    f: impl FnOnce(&ResponseHead, &httparse::Response<'_, '_>) -> T,
+) -> Result<Option<(ResponseHead, Option<T>)>, ()> {
     let mut slots = [httparse::EMPTY_HEADER; HEADER_SLOTS];
     let mut r = httparse::Response::new(&mut slots);
     let head_len = match r.parse(buf) {
@@ -1139,5 +1185,7 @@ pub(crate) fn parse_response(buf: &[u8], head: bool) -> Result<Option<ResponseHe
         }
     };
     let reusable = !close && framing != Framing::Close && status != 101;
-    Ok(Some(ResponseHead { head_len, status, framing, reusable }))
+    let meta = ResponseHead { head_len, status, framing, reusable };
+    let out = (status >= 200 || status == 101).then(|| f(&meta, &r));
+    Ok(Some((meta, out)))
 }

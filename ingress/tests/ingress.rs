@@ -12,6 +12,7 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use mesh_ingress::proxy::NOT_FOUND_BODY;
+use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -663,4 +664,107 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     assert_eq!(a.hits.load(Ordering::SeqCst), 20);
     assert_eq!(a.conns.load(Ordering::SeqCst), 1, "the upstream connection is reused");
     app.drain(WAIT).await;
+}
+
+/// TLS sessions resume from the server-side cache (a second connection from the same client is an abbreviated
+/// handshake), and `tls_session_cache: 0` turns that off (every handshake is full).
+#[tokio::test]
+async fn tls_sessions_resume_unless_the_cache_is_off() {
+    let a = Backend::start("a").await;
+    let (ca, ka) = cert(&["r.example.com"]);
+    let mut snap = Snap::default().cluster("ns/a/80", &[a.addr]);
+    snap.vhosts = vec![vhost("r.example.com", vec![prefix("/", to("ns/a/80"))])];
+    snap.secrets.insert("ns/r-tls".into(), (ca.clone(), ka, vec!["r.example.com".into()]));
+    for (cache, want) in [(4096, rustls::HandshakeKind::Resumed), (0, rustls::HandshakeKind::Full)] {
+        let (app, _dir) = ingress_with(&snap, |c| c.tls_session_cache = cache).await;
+        let mut store = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            store.add(c.unwrap()).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let s = TcpStream::connect(app.https_addr).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("r.example.com").unwrap();
+            let mut s = connector.connect(name, s).await.unwrap();
+            kinds.push(s.get_ref().1.handshake_kind());
+            // One exchange, so the client reads the session tickets sent after the handshake.
+            s.write_all(b"GET / HTTP/1.1\r\nHost: r.example.com\r\nConnection: close\r\n\r\n").await.unwrap();
+            let mut out = Vec::new();
+            tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await.unwrap().ok();
+            assert!(out.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&out));
+        }
+        assert_eq!(kinds, vec![Some(rustls::HandshakeKind::Full), Some(want)], "session cache {cache}");
+        app.drain(WAIT).await;
+    }
+}
+
+/// Every response carries `Server` (the Ingress conformance suite checks it with `Date`, `Content-Type` and
+/// `Content-Length`): the upstream's own when it sent one, else ours; on HTTP/1.1 and HTTP/2, for proxied
+/// responses and our own answers (404, 503, redirects).
+#[tokio::test]
+async fn every_response_has_a_server_header() {
+    // A backend that names itself, and the echo backend that does not.
+    let named = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let named_addr = named.local_addr().unwrap();
+    let named_task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = named.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let r = b"HTTP/1.1 200 OK\r\nServer: backend/1.0\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";
+                    if s.write_all(r).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let echo = Backend::start("echo").await;
+    let mut snap = Snap::default().cluster("ns/named/80", &[named_addr]).cluster("ns/echo/80", &[echo.addr]);
+    snap.vhosts = vec![vhost(
+        "h",
+        vec![
+            exact("/named", to("ns/named/80")),
+            exact("/gone", direct(503, "503 gone\n")),
+            exact("/moved", redirect()),
+            prefix("/echo", to("ns/echo/80")),
+        ],
+    )];
+    let (app, _dir) = ingress(&snap).await;
+    let at = app.http_addr;
+    let server = |r: &Reply| r.headers.get("server").map(|v| v.to_str().unwrap().to_owned());
+    let r = get(at, "h", "/named").await.unwrap();
+    assert_eq!(server(&r).as_deref(), Some("backend/1.0"), "the upstream's own Server is kept");
+    let r = get(at, "h", "/echo").await.unwrap();
+    assert_eq!(server(&r).as_deref(), Some("mesh"));
+    for h in ["date", "content-type", "content-length"] {
+        assert!(r.headers.contains_key(h), "{h} missing on a proxied response");
+    }
+    for (path, status) in [("/nothing", 404), ("/gone", 503), ("/moved", 308)] {
+        let host = if path == "/nothing" { "other" } else { "h" };
+        let r = get(at, host, path).await.unwrap();
+        assert_eq!(r.status, status, "{path}");
+        assert_eq!(server(&r).as_deref(), Some("mesh"), "{path}");
+        for h in ["date", "content-type", "content-length"] {
+            assert!(r.headers.contains_key(h), "{h} missing on our {status}");
+        }
+    }
+    // HTTP/2 (h2c): the same.
+    let mut tx = h2_over(TcpStream::connect(at).await.unwrap()).await.unwrap();
+    for (path, want) in [("/named", "backend/1.0"), ("/echo", "mesh"), ("/gone", "mesh"), ("/moved", "mesh")] {
+        let req = Request::get(format!("http://h{path}")).body(Full::new(Bytes::new())).unwrap();
+        let r = tx.send_request(req).await.unwrap();
+        assert_eq!(r.headers().get("server").and_then(|v| v.to_str().ok()), Some(want), "h2 {path}");
+    }
+    app.drain(WAIT).await;
+    named_task.abort();
 }

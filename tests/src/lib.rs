@@ -12,10 +12,13 @@
 //!   Secret, the full-path Ingress).
 //! - [`load`]: steady HTTP/1.1 load with requests held in flight at a gate, for drain tests.
 //! - [`netns`]: network namespaces (node, Pods, client) with a guard that deletes them, for tests run as root.
+//! - [`apiserver`]: a real Kubernetes API server (etcd + kube-apiserver built from Go modules by
+//!   `tests/kube/build.sh`) with generated certificates, RBAC and an audit log; `mesh-control` started against it.
 //!
 //! Every address used is in 127.0.0.0/8, or inside network namespaces a test created; every process started is
 //! killed by its PID when its guard drops.
 
+pub mod apiserver;
 pub mod echo;
 pub mod envoy;
 pub mod http;

@@ -9,8 +9,9 @@
 //!   does: clocks of replicas are never compared, so skew cannot make two leaders).
 //!
 //! Every write is a `replace` carrying the `resourceVersion` we read, so of two replicas taking an expired Lease at
-//! once, one gets `409 Conflict` and stays a follower. A leader that cannot renew for `renew_deadline` (shorter
-//! than `lease_duration`) steps down before anyone else may take over. On shutdown the leader releases the Lease
+//! once, one gets `409 Conflict` and stays a follower; a leader whose renewal gets `409` (the Lease was written
+//! by someone else since its read) retries on the next period and stays leader meanwhile. A leader that cannot
+//! renew for `renew_deadline` (shorter than `lease_duration`) steps down before anyone else may take over. On shutdown the leader releases the Lease
 //! (empty holder, 1 s duration), so the next leader does not wait out the lease.
 
 use std::time::Duration;
@@ -39,6 +40,16 @@ pub enum LeaseError {
         name: String,
         /// What the API said.
         error: kube::Error,
+    },
+    /// Our renewal was refused as stale: the Lease changed between our read and our write. Retried on the next
+    /// period; we stay leader until the renew deadline, as client-go does (the next read tells whether another
+    /// replica took it).
+    #[error("Lease {namespace}/{name} changed between our read and our renewal (409 Conflict); retrying")]
+    RenewConflict {
+        /// Namespace of the Lease.
+        namespace: String,
+        /// Its name.
+        name: String,
     },
 }
 
@@ -249,6 +260,12 @@ impl Elector {
         let update = Lease { metadata: lease.metadata, spec: Some(new_spec) };
         match self.api.replace(&self.settings.name, &PostParams::default(), &update).await {
             Ok(_) => Ok(true),
+            // A renewal refused as stale is not a lost Lease (found against a real API server: any write to the
+            // Lease between our read and our write, a `kubectl annotate` say, made the leader step down).
+            Err(kube::Error::Api(s)) if s.code == 409 && held_by_us => Err(LeaseError::RenewConflict {
+                namespace: self.settings.namespace.clone(),
+                name: self.settings.name.clone(),
+            }),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(self.err(e)),
         }
