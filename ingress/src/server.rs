@@ -148,6 +148,16 @@ async fn accept_loop(
             _ = signals.stop_accepting.wait() => break,
         }
     }
+    // Connections the kernel has already completed wait in the backlog, and closing the socket would reset them:
+    // take them first, so a client that connected just before the drain is served (its answer says
+    // `Connection: close`) instead of reset. The socket is non-blocking: the sweep ends at the first WouldBlock.
+    if let Ok(backlog) = listener.into_std() {
+        while let Ok((s, peer)) = backlog.accept() {
+            let Ok(stream) = s.set_nonblocking(true).and_then(|()| TcpStream::from_std(s)) else { continue };
+            let info = ConnInfo { peer, local_port: port, tls: tls.is_some() };
+            tokio::spawn(connection(stream, info, tls.clone(), shared.clone(), signals.finish.clone()));
+        }
+    }
     // Dropping the listener closes the socket: new connections are refused from here on.
 }
 
