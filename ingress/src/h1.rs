@@ -678,11 +678,9 @@ impl Conn {
         let mut body_done = true;
         match p.framing {
             Framing::Length(n) => {
-                let k = (self.rbuf.len() as u64).min(n) as usize;
-                self.wbuf.extend_from_slice(&self.rbuf[..k]);
-                self.rbuf.advance(k);
-                left = n - k as u64;
-                ex.body_in = k as u64;
+                let k = move_up_to(&mut self.rbuf, &mut self.wbuf, n);
+                left = n - k;
+                ex.body_in = k;
                 body_done = left == 0;
             }
             Framing::Chunked => match chunked.feed(&self.rbuf, |_| {}) {
@@ -808,11 +806,9 @@ impl Conn {
         match resp.framing {
             Framing::None => {}
             Framing::Length(n) => {
-                let k = (self.ubuf.len() as u64).min(n) as usize;
-                self.wbuf.extend_from_slice(&self.ubuf[..k]);
-                self.ubuf.advance(k);
-                rleft = n - k as u64;
-                ex.body_out = k as u64;
+                let k = move_up_to(&mut self.ubuf, &mut self.wbuf, n);
+                rleft = n - k;
+                ex.body_out = k;
                 done = rleft == 0;
             }
             Framing::Chunked => match self.pass_chunks(&mut rchunk, dechunk) {
@@ -1112,6 +1108,15 @@ fn write_client_head(
         }
     }
     w.extend_from_slice(b"\r\n");
+}
+
+/// Moves up to `n` bytes from the front of `from` to the end of `to` (the part of a body that arrived with its
+/// head goes out with the next head); returns how many.
+fn move_up_to(from: &mut BytesMut, to: &mut Vec<u8>, n: u64) -> u64 {
+    let k = (from.len() as u64).min(n) as usize;
+    to.extend_from_slice(&from[..k]);
+    from.advance(k);
+    k as u64
 }
 
 /// Appends a number in decimal, without the formatting machinery.
