@@ -76,11 +76,6 @@ pub fn checkin(addr: SocketAddr, stream: TcpStream) {
     });
 }
 
-/// Idle connections this worker holds to `addr` (for tests and the config dump).
-pub fn idle(addr: SocketAddr) -> usize {
-    IDLE.with(|p| p.borrow().get(&addr).map_or(0, Vec::len))
-}
-
 /// Why an upstream connection for the HTTP/2 path could not be had.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
