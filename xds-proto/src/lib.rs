@@ -39,5 +39,9 @@ pub use envoy_types::pb::xds::r#type::matcher::v3 as xds_matcher;
 /// The `spec.controller` value of an IngressClass served by `mesh-ingress`.
 pub const INGRESS_CONTROLLER: &str = "mesh.dev/ingress-controller";
 
+/// The `spec.controllerName` of a GatewayClass served by `mesh-ingress`. A Gateway of such a class named `X` is
+/// served by the ingress proxies of IngressClass `X` (one fleet per class, whichever API configures it).
+pub const GATEWAY_CONTROLLER: &str = "mesh.dev/gateway-controller";
+
 /// The IngressClass name an ingress proxy asks for when none is configured.
 pub const DEFAULT_INGRESS_CLASS: &str = "mesh";

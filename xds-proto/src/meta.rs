@@ -48,6 +48,9 @@ pub const POD: &str = "pod";
 pub const WILDCARD_ONE_LABEL: &str = "wildcardOneLabel";
 /// Route: the Ingress that defined it, as `{ns}/{name}`.
 pub const INGRESS: &str = "ingress";
+/// Route: the Gateway API route that defined it, as `{Kind}/{ns}/{name}` (`HTTPRoute/default/web`); set
+/// instead of [`INGRESS`] on routes made from HTTPRoutes and GRPCRoutes.
+pub const ROUTE: &str = "route";
 /// Route: the Ingress `pathType` (`Exact`, `Prefix`, `ImplementationSpecific`).
 pub const PATH_TYPE: &str = "pathType";
 

@@ -38,6 +38,12 @@ pub fn is_ingress_file_role(role: &str, class: &str) -> bool {
 /// catch-all route mesh-control sends, and what mesh-ingress answers with no route at all).
 pub const NOT_FOUND_BODY: &str = "404 page not found: no Ingress rule matches this host and path\n";
 
+/// The Cluster a weighted-cluster entry names for a Gateway API `backendRef` that cannot be resolved (unknown
+/// kind, missing Service, not permitted by a ReferenceGrant). No Cluster of this name is ever sent: mesh-ingress
+/// answers 500 for the share of requests that pick it, as the Gateway API requires (a real Envoy answers 503).
+/// When every backend of a rule is invalid, the route is a `direct_response` 500 instead.
+pub const INVALID_BACKEND_CLUSTER: &str = "mesh/invalid-backend";
+
 /// Prefix of every Service listener's name (see [`service_listener_name`]); a node proxy serves only these.
 pub const SERVICE_LISTENER_PREFIX: &str = "svc/";
 
